@@ -1,0 +1,70 @@
+"""The kvcompress hook specifications (pluggy project "kvcompress").
+
+Each hook is a collector: every plugin returns a list of descriptors, the registry flattens them.
+Implement a hook with `@kvcompress.hookimpl` in your plugin module and expose that module through the
+entry point group "kvcompress" (see docs/writing-a-plugin.md). Keep plugin modules light: import torch
+and Triton inside factories, not at module level.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from kvcompress.methods import CodebookMethod, EstimatorMethod, QuantizerMethod, TransformMethod
+
+PROJECT = "kvcompress"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def kvcompress_quantizers() -> list[QuantizerMethod]:
+    """Cache quantizers this plugin provides.
+
+    Example::
+
+        class HalfSpec(MethodSpec):
+            method: Literal["half"] = "half"
+
+        @hookimpl
+        def kvcompress_quantizers():
+            return [QuantizerMethod(name="half", spec=HalfSpec, factory=make_half_quantizer)]
+    """
+
+
+@hookspec
+def kvcompress_estimators() -> list[EstimatorMethod]:
+    """Attention estimators: scores and value mixes computed from packed state.
+
+    Example::
+
+        @hookimpl
+        def kvcompress_estimators():
+            return [EstimatorMethod(name="qjl", spec=QJLEstimatorSpec, factory=make_estimator,
+                                    quantizers=frozenset({"qjl"}), roles=frozenset({"keys"}))]
+    """
+
+
+@hookspec
+def kvcompress_codebooks() -> list[CodebookMethod]:
+    """Codebook sources and learners for quantizers with learned constants.
+
+    Example::
+
+        @hookimpl
+        def kvcompress_codebooks():
+            return [CodebookMethod(name="kmeans", spec=KMeansSpec, factory=load_codebook,
+                                   learn=learn_codebook, quantizers=frozenset({"rvq"}))]
+    """
+
+
+@hookspec
+def kvcompress_transforms() -> list[TransformMethod]:
+    """Orthogonal transforms applied to keys/values (and queries) before quantization.
+
+    Example::
+
+        @hookimpl
+        def kvcompress_transforms():
+            return [TransformMethod(name="hadamard", spec=HadamardSpec, factory=make_hadamard)]
+    """

@@ -1,0 +1,176 @@
+"""Plugin discovery and the registry: hook results flattened into name -> descriptor maps."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from kvcompress import hookspecs
+from kvcompress.errors import PluginError, UnknownMethodError
+from kvcompress.methods import KNOWN_PROVIDERS, STAGES
+
+ENTRY_POINT_GROUP = "kvcompress"
+DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
+CORE_PLUGIN = "kvcompress"
+_HOOKS = {
+    "quantizer": "kvcompress_quantizers",
+    "estimator": "kvcompress_estimators",
+    "codebook": "kvcompress_codebooks",
+    "transform": "kvcompress_transforms",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin: its name, the distribution that ships it, and a load error if any."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Provided:
+    """A descriptor together with the plugin that provided it."""
+
+    method: Any
+    plugin: PluginInfo
+
+
+def disabled_plugins() -> set[str]:
+    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+class Registry:
+    """Methods by stage and name, built from every registered plugin.
+
+    strict=True (library default): a plugin that fails to import raises PluginError.
+    strict=False (the CLI): it is recorded in `failed` and skipped, with a warning.
+    """
+
+    def __init__(self, strict: bool = True, entry_points: bool = True):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = strict
+        self.plugins: dict[str, PluginInfo] = {}
+        self.failed: list[PluginInfo] = []
+        self._methods: dict[str, dict[str, Provided]] | None = None
+        from kvcompress import builtin
+
+        self.register(builtin, PluginInfo(CORE_PLUGIN, "kvcompress", _version("kvcompress")))
+        if entry_points:
+            self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        blocked = disabled_plugins()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in blocked:
+                continue
+            dist = ep.dist.name if ep.dist is not None else ep.name
+            version = ep.dist.version if ep.dist is not None else "?"
+            try:
+                module = ep.load()
+            except Exception as exc:  # any import failure of third-party code is reported, not hidden
+                info = PluginInfo(ep.name, dist, version, f"{type(exc).__name__}: {exc}")
+                if self.strict:
+                    raise PluginError(
+                        f"plugin {ep.name!r} (distribution {dist} {version}) failed to import: {info.error}. "
+                        f"Fix or uninstall it, or set {DISABLE_ENV}={ep.name} to skip it."
+                    ) from exc
+                warnings.warn(f"kvcompress: skipping plugin {ep.name!r} ({dist}): {info.error}", stacklevel=2)
+                self.failed.append(info)
+                continue
+            self.register(module, PluginInfo(ep.name, dist, version))
+
+    def register(self, plugin: ModuleType | object, info: PluginInfo | str) -> None:
+        """Register a plugin object in-process (tests, notebooks). `info` may be just a name."""
+        if isinstance(info, str):
+            info = PluginInfo(info, info, "0")
+        if info.name in self.plugins:
+            raise PluginError(f"a plugin named {info.name!r} is already registered ({self.plugins[info.name].distribution})")
+        self.pm.register(plugin, name=info.name)
+        self.plugins[info.name] = info
+        self._methods = None
+
+    def _collect(self) -> dict[str, dict[str, Provided]]:
+        if self._methods is not None:
+            return self._methods
+        methods: dict[str, dict[str, Provided]] = {stage: {} for stage in STAGES}
+        for stage, hook_name in _HOOKS.items():
+            caller = getattr(self.pm.hook, hook_name)
+            # Call each implementation apart so every descriptor keeps the plugin that gave it.
+            for impl in reversed(caller.get_hookimpls()):
+                info = self.plugins[impl.plugin_name]
+                for method in impl.function() or []:
+                    if not isinstance(method, STAGES[stage]):
+                        raise PluginError(
+                            f"plugin {info.name!r} ({info.distribution}) returned {type(method).__name__} from "
+                            f"{hook_name}; expected {STAGES[stage].__name__}"
+                        )
+                    if method.name in methods[stage]:
+                        other = methods[stage][method.name].plugin
+                        raise PluginError(
+                            f"{stage} {method.name!r} is provided twice: by {other.distribution} (plugin "
+                            f"{other.name!r}) and by {info.distribution} (plugin {info.name!r}). Uninstall one, "
+                            f"or block one with {DISABLE_ENV}."
+                        )
+                    methods[stage][method.name] = Provided(method, info)
+        self._methods = methods
+        return methods
+
+    def names(self, stage: str) -> list[str]:
+        return sorted(self._collect()[stage])
+
+    def provided(self, stage: str) -> dict[str, Provided]:
+        return dict(self._collect()[stage])
+
+    def get(self, stage: str, name: str) -> Any:
+        """The descriptor of `name` for `stage`, or UnknownMethodError saying what to install."""
+        found = self._collect()[stage].get(name)
+        if found is None:
+            raise UnknownMethodError(unknown_method_message(stage, name, self.names(stage)))
+        return found.method
+
+
+def unknown_method_message(stage: str, name: str, installed: list[str]) -> str:
+    message = f"unknown {stage} method {name!r}; installed: {', '.join(installed) or 'none'}"
+    package = KNOWN_PROVIDERS.get(name)
+    if package:
+        message += f". {name!r} is provided by {package}: pip install {package}"
+    if name in disabled_plugins() or (package and package in disabled_plugins()):
+        message += f" (it is blocked by {DISABLE_ENV})"
+    return message
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+_default: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide strict registry, built on first use."""
+    global _default
+    if _default is None:
+        _default = Registry(strict=True)
+    return _default
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process-wide registry (None rebuilds it on next use): for tests and embedding."""
+    global _default
+    _default = registry
+
+
+__all__ = ["PluginInfo", "Provided", "Registry", "get_registry", "set_registry"]

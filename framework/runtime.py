@@ -1,0 +1,72 @@
+"""The runtime objects that plugin factories build, one per (layer, role).
+
+A quantizer turns float tensors [batch, kv_heads, tokens, head_dim] into a PackedState and back.
+An estimator computes attention scores and value mixes straight from a PackedState.
+A transform is an orthogonal map applied before quantization (queries get it too, so scores keep).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from kvcompress.state import PackedState
+
+
+class Quantizer(ABC):
+    """Encodes blocks of tokens into packed state.
+
+    token_block: encode() is only called with a token count that is a multiple of this (KIVI keys
+    quantize per channel over blocks of G tokens, so G; per-token methods leave it at 1).
+    """
+
+    token_block: int = 1
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> PackedState:
+        """x: [batch, kv_heads, tokens, head_dim], tokens % token_block == 0, finite values."""
+
+    @abstractmethod
+    def decode(self, state: PackedState) -> torch.Tensor:
+        """The [batch, kv_heads, tokens, head_dim] tensor the state stands for, in state.dtype."""
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """Per-layer constants (sketch matrices, codebooks): counted apart from per-token bytes."""
+        return {}
+
+    def bits_per_element(self, head_dim: int) -> float | None:
+        """The storage cost the spec's fields imply, in bits per element over a full token block.
+
+        Tests hold the bytes actually stored to this figure; None when it depends on the data.
+        """
+        return None
+
+
+class Estimator(ABC):
+    """Computes attention terms from packed state without the core decoding it.
+
+    Queries arrive grouped by KV head: [batch, kv_heads, n, head_dim] where n = query heads per KV head
+    x query length, so grouped-query attention needs nothing from the estimator.
+    """
+
+    @abstractmethod
+    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+        """<q, k> for every query and stored key: [batch, kv_heads, n, tokens] (unscaled)."""
+
+    @abstractmethod
+    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+        """sum_t weights[..., t] * v_t: weights [batch, kv_heads, n, tokens] -> [batch, kv_heads, n, head_dim]."""
+
+
+class Transform(ABC):
+    """An orthogonal map of head_dim vectors: inverse(forward(x)) == x and <f(q), f(k)> == <q, k>."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def inverse(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return {}

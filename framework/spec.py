@@ -1,0 +1,400 @@
+"""Spec files: a validated composition of methods for the keys and values of every layer.
+
+The static models below type every stage with MethodSpec; validation goes through a model built from
+the registry, in which each stage is the discriminated union (on `method`) of the installed methods'
+spec models. Fields typed with the base serialize as their concrete class (SerializeAsAny), so a
+loaded spec dumps back to the same content.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, create_model, field_validator
+
+from kvcompress.errors import SpecError
+from kvcompress.methods import ROLES, STAGES
+from kvcompress.plugins import Registry, get_registry, unknown_method_message
+from kvcompress.spec_base import MethodSpec
+
+SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelineSpec(_Strict):
+    """How one role (keys or values) is compressed: the stages run in this order."""
+
+    transform: SerializeAsAny[MethodSpec] | None = Field(
+        None, description="Orthogonal transform applied before quantization (queries get it too)."
+    )
+    quantizer: SerializeAsAny[MethodSpec] = Field(description="The cache quantizer that packs tokens.")
+    estimator: SerializeAsAny[MethodSpec] | None = Field(
+        None, description="How attention reads the packed state; default: decode, then matmul."
+    )
+    codebook: SerializeAsAny[MethodSpec] | None = Field(
+        None, description="Learned constants for quantizers that need them (file source or learner)."
+    )
+
+
+class PipelineOverride(_Strict):
+    """Stages to replace for some layers; stages left out keep the spec's top-level choice."""
+
+    transform: SerializeAsAny[MethodSpec] | None = None
+    quantizer: SerializeAsAny[MethodSpec] | None = None
+    estimator: SerializeAsAny[MethodSpec] | None = None
+    codebook: SerializeAsAny[MethodSpec] | None = None
+
+
+class LayerOverride(_Strict):
+    """Per-layer changes: window, sinks, or stages of the keys/values pipelines."""
+
+    window: int | None = Field(None, ge=0, description="Full-precision recent tokens for these layers.")
+    sinks: int | None = Field(None, ge=0, description="Full-precision first tokens for these layers.")
+    keys: PipelineOverride | None = None
+    values: PipelineOverride | None = None
+
+
+class LayerPlan(_Strict):
+    """The resolved spec of one layer."""
+
+    window: int
+    sinks: int
+    keys: SerializeAsAny[PipelineSpec]
+    values: SerializeAsAny[PipelineSpec]
+
+
+class CacheSpec(_Strict):
+    """A kvcompress spec: what each layer's KV cache stores and how attention reads it."""
+
+    name: str = Field(description="Name shown in tables and JSON results.")
+    description: str = Field("", description="Free text.")
+    window: int = Field(0, ge=0, description="Most recent tokens kept in full precision.")
+    sinks: int = Field(0, ge=0, description="First tokens (attention sinks) kept in full precision.")
+    keys: SerializeAsAny[PipelineSpec]
+    values: SerializeAsAny[PipelineSpec]
+    layers: dict[str, SerializeAsAny[LayerOverride]] = Field(
+        default_factory=dict,
+        description='Per-layer overrides keyed by layer selections: "3", "0-1", "0,2,5-7". Selections may not overlap.',
+    )
+    _source: str | None = PrivateAttr(None)
+
+    @field_validator("layers")
+    @classmethod
+    def _selections_disjoint(cls, layers: dict[str, Any]) -> dict[str, Any]:
+        seen: dict[int, str] = {}
+        for key in layers:
+            for index in parse_layer_selection(key):
+                if index in seen:
+                    raise ValueError(f"layer {index} is selected by both {seen[index]!r} and {key!r}")
+                seen[index] = key
+        return layers
+
+    @property
+    def source(self) -> str | None:
+        """The file this spec was loaded from, if any."""
+        return self._source
+
+    def layer(self, index: int) -> LayerPlan:
+        """The spec of layer `index`, with any override applied."""
+        window, sinks = self.window, self.sinks
+        pipelines = {"keys": self.keys, "values": self.values}
+        for key, override in self.layers.items():
+            if index in parse_layer_selection(key):
+                window = override.window if override.window is not None else window
+                sinks = override.sinks if override.sinks is not None else sinks
+                for role in ROLES:
+                    part = getattr(override, role)
+                    if part is not None:
+                        pipelines[role] = _merge(pipelines[role], part)
+        return LayerPlan(window=window, sinks=sinks, **pipelines)
+
+    def check_layers(self, num_layers: int) -> None:
+        """Fail when an override selects a layer the model does not have."""
+        for key in self.layers:
+            bad = [i for i in parse_layer_selection(key) if i >= num_layers]
+            if bad:
+                raise SpecError(
+                    [f"layers.{key}: selects layer {bad[0]}, but the model has {num_layers} layers (0-{num_layers - 1})"],
+                    self._source,
+                )
+
+
+def _merge(base: PipelineSpec, override: PipelineOverride) -> PipelineSpec:
+    fields = {name: getattr(base, name) for name in STAGES}
+    fields.update({name: getattr(override, name) for name in STAGES if getattr(override, name) is not None})
+    return PipelineSpec(**fields)
+
+
+def parse_layer_selection(key: str) -> list[int]:
+    """'3' -> [3]; '0-2' -> [0, 1, 2]; '0,4-5' -> [0, 4, 5]."""
+    indices: list[int] = []
+    for part in key.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+            raise ValueError(f"layer selection {key!r} is not like '3', '0-1' or '0,2,5-7'")
+        start, stop = int(lo), int(hi) if sep else int(lo)
+        if stop < start:
+            raise ValueError(f"layer range {part!r} runs backwards")
+        indices.extend(range(start, stop + 1))
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------
+# The validation model, built from the registry
+
+
+@lru_cache(maxsize=8)
+def _validation_model(signature: tuple[tuple[str, tuple[type, ...]], ...]) -> type[CacheSpec]:
+    unions: dict[str, Any] = {}
+    for stage, classes in signature:
+        if not classes:
+            unions[stage] = None
+        elif len(classes) == 1:
+            unions[stage] = classes[0]
+        else:
+            unions[stage] = Annotated[Union[classes], Field(discriminator="method")]
+
+    def stage_field(stage: str, required: bool) -> Any:
+        annotation = unions[stage]
+        if annotation is None:
+            return (type(None), None)
+        template = PipelineSpec.model_fields[stage]
+        if required:
+            return (SerializeAsAny[annotation], Field(description=template.description))
+        return (SerializeAsAny[annotation] | None, Field(None, description=template.description))
+
+    pipeline = create_model(
+        "PipelineSpec",
+        __base__=PipelineSpec,
+        **{stage: stage_field(stage, stage == "quantizer") for stage in STAGES},
+    )
+    pipeline_override = create_model(
+        "PipelineOverride", __base__=PipelineOverride, **{stage: stage_field(stage, False) for stage in STAGES}
+    )
+    layer_override = create_model(
+        "LayerOverride", __base__=LayerOverride, keys=(pipeline_override | None, None), values=(pipeline_override | None, None)
+    )
+    return create_model(
+        "CacheSpec",
+        __base__=CacheSpec,
+        keys=(SerializeAsAny[pipeline], ...),
+        values=(SerializeAsAny[pipeline], ...),
+        layers=(dict[str, SerializeAsAny[layer_override]], Field(default_factory=dict, description=CacheSpec.model_fields["layers"].description)),
+    )
+
+
+def spec_model(registry: Registry | None = None) -> type[CacheSpec]:
+    """The CacheSpec subclass whose stages are unions of the installed methods' spec models."""
+    registry = registry or get_registry()
+    signature = tuple(
+        (stage, tuple(p.method.spec for _, p in sorted(registry.provided(stage).items()))) for stage in STAGES
+    )
+    return _validation_model(signature)
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of the spec format with every installed method, for editors."""
+    schema = spec_model(registry).model_json_schema()
+    schema["title"] = "kvcompress spec"
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and loading
+
+
+def parse_spec(data: dict[str, Any] | CacheSpec, source: str | None = None, registry: Registry | None = None) -> CacheSpec:
+    """Validate a spec dict (or re-validate a spec built in code) against the installed methods."""
+    registry = registry or get_registry()
+    if isinstance(data, BaseModel):
+        source = source or getattr(data, "source", None)
+        data = data.model_dump(mode="json", exclude_unset=True)
+    if not isinstance(data, dict):
+        raise SpecError([f"a spec must be a mapping with keys, values, ...; got {type(data).__name__}"], source)
+    problems = _unknown_methods(data, registry)
+    if problems:
+        raise SpecError(problems, source)
+    model = spec_model(registry)
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, model), source) from None
+    spec._source = source
+    problems = check_composition(spec, registry)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def load_spec(path: str | Path, registry: Registry | None = None) -> CacheSpec:
+    """Read a YAML, TOML or JSON spec file (chosen by extension) and validate it."""
+    path = Path(path)
+    return parse_spec(read_spec_file(path), source=str(path), registry=registry)
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    kind = SPEC_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise SpecError([f"unknown spec file type {path.suffix!r}; use one of {', '.join(SPEC_SUFFIXES)}"], str(path))
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([f"cannot read the spec file: {exc.strerror}"], str(path)) from None
+    try:
+        if kind == "yaml":
+            data = yaml.safe_load(text)
+        elif kind == "toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError([f"not valid {kind.upper()}: {exc}"], str(path)) from None
+    return data
+
+
+def _stage_items(data: dict[str, Any]):
+    """(path, stage, stage dict) for every stage in the spec's pipelines and overrides."""
+    for role in ROLES:
+        yield from _pipeline_items(data.get(role), role)
+    layers = data.get("layers")
+    if isinstance(layers, dict):
+        for key, override in layers.items():
+            if isinstance(override, dict):
+                for role in ROLES:
+                    yield from _pipeline_items(override.get(role), f"layers.{key}.{role}")
+
+
+def _pipeline_items(pipeline: Any, path: str):
+    if isinstance(pipeline, dict):
+        for stage in STAGES:
+            value = pipeline.get(stage)
+            if isinstance(value, dict):
+                yield f"{path}.{stage}", stage, value
+
+
+def _unknown_methods(data: dict[str, Any], registry: Registry) -> list[str]:
+    problems = []
+    for path, stage, value in _stage_items(data):
+        method = value.get("method")
+        installed = registry.names(stage)
+        if method is None:
+            problems.append(f"{path}.method: missing; allowed: {', '.join(installed) or 'none installed'}")
+        elif method not in installed:
+            problems.append(f"{path}.method: {unknown_method_message(stage, str(method), installed)}")
+    return problems
+
+
+def check_composition(spec: CacheSpec, registry: Registry | None = None) -> list[str]:
+    """Problems with how stages combine (an estimator for another quantizer, a missing codebook...)."""
+    registry = registry or get_registry()
+    plans = [("", spec.layer(-1))] + [
+        (f"layers.{key}.", spec.layer(parse_layer_selection(key)[0])) for key in spec.layers
+    ]
+    problems: list[str] = []
+    for prefix, plan in plans:
+        for role in ROLES:
+            pipeline: PipelineSpec = getattr(plan, role)
+            path = f"{prefix}{role}"
+            quantizer = registry.get("quantizer", pipeline.quantizer.method)
+            if role not in quantizer.roles:
+                problems.append(
+                    f"{path}.quantizer: {quantizer.name!r} cannot quantize {role}; it supports {', '.join(sorted(quantizer.roles))}"
+                )
+            if pipeline.estimator is not None:
+                estimator = registry.get("estimator", pipeline.estimator.method)
+                if estimator.quantizers and quantizer.name not in estimator.quantizers:
+                    problems.append(
+                        f"{path}.estimator: {estimator.name!r} reads only {', '.join(sorted(estimator.quantizers))} "
+                        f"state, but the quantizer is {quantizer.name!r}; drop the estimator or change the quantizer"
+                    )
+                if role not in estimator.roles:
+                    problems.append(f"{path}.estimator: {estimator.name!r} does not serve {role}")
+            if quantizer.needs_codebook and pipeline.codebook is None:
+                problems.append(f"{path}.codebook: quantizer {quantizer.name!r} needs a codebook stage")
+            if pipeline.codebook is not None:
+                codebook = registry.get("codebook", pipeline.codebook.method)
+                if codebook.quantizers and quantizer.name not in codebook.quantizers:
+                    problems.append(
+                        f"{path}.codebook: {codebook.name!r} serves {', '.join(sorted(codebook.quantizers))}, "
+                        f"not {quantizer.name!r}"
+                    )
+            if pipeline.transform is not None:
+                transform = registry.get("transform", pipeline.transform.method)
+                if role not in transform.roles:
+                    problems.append(f"{path}.transform: {transform.name!r} does not serve {role}")
+    return sorted(set(problems), key=problems.index)
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc, owner = _readable_loc(error["loc"], model)
+        path = ".".join(str(part) for part in loc) or "(top level)"
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            allowed = ", ".join(owner.model_fields) if owner is not None else "?"
+            problems.append(f"{path}: unknown field (given {error['input']!r}); allowed fields: {allowed}")
+        elif kind == "missing":
+            problems.append(f"{path}: required field is missing")
+        else:
+            problems.append(f"{path}: {error['msg']} (given {error['input']!r})")
+    return problems
+
+
+def _readable_loc(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[list[Any], type[BaseModel] | None]:
+    """Drop union tags from a pydantic error location, and find the model that owns its last field."""
+    parts: list[Any] = []
+    current: Any = model
+    owner: type[BaseModel] | None = None
+    for item in loc:
+        options = _models_in(current)
+        if isinstance(item, str) and options and item not in _fields_of(options):
+            tagged = [m for m in options if _method_tag(m) == item or m.__name__ == item]
+            if tagged:  # a discriminator tag or a union member name: not a field, skip it
+                current = tagged[0]
+                continue
+        parts.append(item)
+        owner = options[0] if options else None
+        current = _field_annotation(options, item)
+    return parts, owner
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _fields_of(models: list[type[BaseModel]]) -> set[str]:
+    return {name for m in models for name in m.model_fields}
+
+
+def _field_annotation(models: list[type[BaseModel]], item: Any) -> Any:
+    for m in models:
+        if isinstance(item, str) and item in m.model_fields:
+            return m.model_fields[item].annotation
+    # a dict value (layer override key) or list item: look inside the container
+    for m in models:
+        return m
+    return None
+
+
+def _method_tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("method")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if args else None

@@ -1,0 +1,16 @@
+"""The base of every method's spec model (the one piece of the spec layer plugins import)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class MethodSpec(BaseModel):
+    """Base of a method's parameters. Subclasses add `method: Literal["name"]` and their fields.
+
+    Field descriptions are the documentation: `kvcompress schema` and docs/specs.md come from them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str

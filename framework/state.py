@@ -1,0 +1,74 @@
+"""The packed state a quantizer produces: the only place compressed bytes live.
+
+Every tensor in a state has the layout [batch, kv_heads, rows, ...], where `rows` counts token rows
+(one per token, or one per group of tokens such as a KIVI key block). States of the same quantizer
+concatenate along dim 2, which is how a cache layer appends newly compressed blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROW_DIM = 2
+
+
+@dataclass
+class PackedState:
+    """Packed tensors for `tokens` tokens of one role (keys or values) of one layer.
+
+    tensors: name -> tensor, each [batch, kv_heads, rows, ...] with rows a fixed fraction of tokens.
+    tokens: how many tokens the state encodes.
+    head_dim: the vector length the state decodes to.
+    dtype: the floating dtype decode restores.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    tokens: int
+    head_dim: int
+    dtype: torch.dtype
+    meta: dict[str, int] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes actually held: the sum over distinct storages, so a view of a larger buffer counts whole."""
+        return storage_nbytes(self.tensors.values())
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return next(iter(self.tensors.values())).shape[1]
+
+    def cat(self, other: PackedState) -> PackedState:
+        """This state followed by `other` along the token axis."""
+        if self.tensors.keys() != other.tensors.keys() or self.head_dim != other.head_dim:
+            raise ValueError("cannot concatenate packed states of different quantizers")
+        return PackedState(
+            tensors={k: torch.cat([v, other.tensors[k]], dim=ROW_DIM) for k, v in self.tensors.items()},
+            tokens=self.tokens + other.tokens,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            meta=dict(self.meta),
+        )
+
+    def map(self, fn) -> PackedState:
+        """A state whose tensors are fn(tensor): batch selection, device moves."""
+        return PackedState(
+            tensors={k: fn(v) for k, v in self.tensors.items()},
+            tokens=self.tokens,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            meta=dict(self.meta),
+        )
+
+
+def storage_nbytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storages count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -1,0 +1,19 @@
+"""Whether Triton kernels can run for a tensor: on CUDA, or anywhere under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton for CUDA tensors; the torch reference on CPU (the interpreter is for tests, not speed)."""
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
