@@ -1,0 +1,251 @@
+"""Conformance suite for quantizer and estimator plugins, ours and third parties'.
+
+Subclass in your plugin's tests (the class name must start with Test for pytest to collect it):
+
+    from kvcompress.testing import QuantizerConformance
+
+    class TestMyQuantizerKeys(QuantizerConformance):
+        spec = {"method": "mine", "bits": 2}     # the quantizer's spec, as in a spec file
+        role = "keys"
+        head_dim = 64
+        max_relative_error = 0.5                 # relative Frobenius error on N(0, 1) data
+
+Each check builds the quantizer through the registry, exactly as a cache layer would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from kvcompress.methods import LayerContext
+from kvcompress.pipeline import RoleCodec
+from kvcompress.plugins import Registry, get_registry
+from kvcompress.spec import parse_spec
+from kvcompress.state import PackedState
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Codebook = Callable[[LayerContext], Any] | dict | None
+
+
+def make_codec(
+    quantizer: dict,
+    role: str = "keys",
+    head_dim: int = 64,
+    kv_heads: int = 2,
+    layer: int = 0,
+    num_layers: int = 1,
+    estimator: dict | None = None,
+    transform: dict | None = None,
+    codebook: Codebook = None,
+    registry: Registry | None = None,
+) -> RoleCodec:
+    """A RoleCodec built through the registry from stage dicts.
+
+    codebook: a codebook stage dict, or a callable(ctx) -> codebook object (for tests that make their own).
+    """
+    registry = registry or get_registry()
+    ctx = LayerContext(layer=layer, num_layers=num_layers, role=role, head_dim=head_dim, kv_heads=kv_heads)
+    if callable(codebook):
+        ctx = LayerContext(**{**ctx.__dict__, "codebook": codebook(ctx)})
+    elif codebook is not None:
+        ctx = LayerContext(**{**ctx.__dict__, "codebook": _build(registry, "codebook", codebook, ctx)})
+    return RoleCodec(
+        name=f"conformance {role} ({quantizer.get('method')})",
+        quantizer=_build(registry, "quantizer", quantizer, ctx),
+        estimator=_build(registry, "estimator", estimator or {"method": "decode"}, ctx),
+        transform=_build(registry, "transform", transform, ctx) if transform else None,
+    )
+
+
+def _build(registry: Registry, stage: str, data: dict, ctx: LayerContext) -> Any:
+    method = registry.get(stage, data["method"])
+    return method.factory(method.spec.model_validate(data), ctx)
+
+
+def held_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor reachable from obj through attributes, dicts, lists and tuples."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(item: Any) -> None:
+        if id(item) in seen:
+            return
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found[id(item)] = item
+        elif isinstance(item, dict):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, (list, tuple, set)):
+            for value in item:
+                walk(value)
+        elif hasattr(item, "__dict__"):
+            for value in vars(item).values():
+                walk(value)
+
+    walk(obj)
+    return list(found.values())
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-12)).item()
+
+
+class QuantizerConformance:
+    """Checks every quantizer must pass. Set the class attributes in your subclass."""
+
+    spec: dict = {}
+    role: str = "keys"
+    head_dim: int = 64
+    kv_heads: int = 2
+    batch: int = 2
+    max_relative_error: float = 1.0
+    codebook: Codebook = None
+    transform: dict | None = None
+
+    def codec(self, **overrides: Any) -> RoleCodec:
+        return make_codec(
+            self.spec, role=self.role, head_dim=self.head_dim, kv_heads=self.kv_heads,
+            codebook=self.codebook, transform=self.transform, **overrides,
+        )
+
+    def tokens(self, codec: RoleCodec) -> int:
+        """A few whole token blocks, at least 64 tokens."""
+        block = codec.token_block
+        return block * max(2, math.ceil(64 / block))
+
+    def sample(self, tokens: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.batch, self.kv_heads, tokens, self.head_dim, generator=generator)
+        return x.to(dtype)
+
+    def test_spec_round_trip(self) -> None:
+        registry = get_registry()
+        method = registry.get("quantizer", self.spec["method"])
+        parsed = method.spec.model_validate(self.spec)
+        assert parsed.model_dump(mode="json", exclude_unset=True) == self.spec
+        assert method.spec.model_validate(json.loads(parsed.model_dump_json())) == parsed
+        if not method.needs_codebook and self.role in method.roles:
+            other = "values" if self.role == "keys" else "keys"
+            data = {"name": "conformance", self.role: {"quantizer": self.spec}, other: {"quantizer": {"method": "float"}}}
+            assert parse_spec(data).model_dump(mode="json", exclude_unset=True) == data
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    def test_shapes_and_dtypes(self, dtype: torch.dtype) -> None:
+        codec = self.codec()
+        x = self.sample(self.tokens(codec), dtype)
+        state = codec.encode(x)
+        assert isinstance(state, PackedState)
+        assert state.tokens == x.shape[2] and state.head_dim == self.head_dim
+        for name, tensor in state.tensors.items():
+            assert tensor.shape[:2] == x.shape[:2], f"{name}: state tensors are [batch, kv_heads, rows, ...]"
+            assert tensor.device == x.device
+        out = codec.decode(state)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert torch.isfinite(out).all()
+
+    def test_reported_bytes_are_the_bytes_held(self) -> None:
+        codec = self.codec()
+        x = self.sample(self.tokens(codec))
+        state = codec.encode(x)
+        tensors = held_tensors(state)
+        distinct = {t.untyped_storage().data_ptr(): t for t in tensors}
+        assert state.nbytes() == sum(t.untyped_storage().nbytes() for t in distinct.values())
+        for t in distinct.values():
+            # a view into a larger buffer would hold memory the accounting cannot see
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "state holds a view of a larger buffer"
+
+    def test_bits_match_formula(self) -> None:
+        codec = self.codec()
+        expected = codec.quantizer.bits_per_element(self.head_dim)
+        if expected is None:
+            pytest.skip("this quantizer's size depends on the data")
+        x = self.sample(self.tokens(codec))
+        bits = codec.encode(x).nbytes() * 8 / x.numel()
+        assert bits == pytest.approx(expected, rel=1e-9)
+
+    def test_deterministic(self) -> None:
+        first, second = self.codec(), self.codec()
+        x = self.sample(self.tokens(first))
+        a, b = first.encode(x), second.encode(x)
+        assert a.tensors.keys() == b.tensors.keys()
+        for name in a.tensors:
+            assert torch.equal(a.tensors[name], b.tensors[name]), f"{name} differs between two builds of one spec"
+        assert torch.equal(first.decode(a), second.decode(b))
+
+    def test_states_concatenate(self) -> None:
+        codec = self.codec()
+        tokens = self.tokens(codec)
+        x1, x2 = self.sample(tokens, seed=1), self.sample(tokens, seed=2)
+        joined = codec.encode(x1).cat(codec.encode(x2))
+        assert joined.tokens == 2 * tokens
+        expected = torch.cat([codec.decode(codec.encode(x1)), codec.decode(codec.encode(x2))], dim=2)
+        assert torch.equal(codec.decode(joined), expected)
+
+    def test_error_bound(self) -> None:
+        codec = self.codec()
+        x = self.sample(self.tokens(codec))
+        assert relative_error(x, codec.decode(codec.encode(x))) <= self.max_relative_error
+
+    def test_rejects_non_finite(self) -> None:
+        codec = self.codec()
+        x = self.sample(self.tokens(codec))
+        x[0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            codec.encode(x)
+
+    def test_decode_estimator_reads_the_state(self) -> None:
+        codec = self.codec()
+        x = self.sample(self.tokens(codec))
+        state = codec.encode(x)
+        query = self.sample(3)
+        decoded = codec.decode(state)
+        assert torch.allclose(codec.scores(query, state), query @ decoded.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+
+
+class EstimatorConformance:
+    """An estimator must agree with the decode estimator on the same packed state."""
+
+    quantizer: dict = {}
+    estimator: dict = {}
+    role: str = "keys"
+    head_dim: int = 64
+    kv_heads: int = 2
+    queries_per_kv_head: int = 6  # query heads per KV head x query length: GQA comes for free
+    codebook: Codebook = None
+    atol: float = 1e-4
+    rtol: float = 1e-4
+
+    def codecs(self) -> tuple[RoleCodec, RoleCodec]:
+        common = dict(role=self.role, head_dim=self.head_dim, kv_heads=self.kv_heads, codebook=self.codebook)
+        return make_codec(self.quantizer, estimator=self.estimator, **common), make_codec(self.quantizer, **common)
+
+    def data(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, self.kv_heads, tokens, self.head_dim, generator=generator)
+        query = torch.randn(2, self.kv_heads, self.queries_per_kv_head, self.head_dim, generator=generator)
+        return x, query
+
+    def test_scores_equal_decode(self) -> None:
+        estimated, decoded = self.codecs()
+        if "keys" != self.role:
+            pytest.skip("scores are read from keys")
+        x, query = self.data(estimated.token_block * 3)
+        state = estimated.encode(x)
+        got, want = estimated.scores(query, state), decoded.scores(query, state)
+        assert got.shape == (2, self.kv_heads, self.queries_per_kv_head, x.shape[2])
+        torch.testing.assert_close(got, want, atol=self.atol, rtol=self.rtol)
+
+    def test_mix_equals_decode(self) -> None:
+        estimated, decoded = self.codecs()
+        if "values" != self.role:
+            pytest.skip("mixes are read from values")
+        x, query = self.data(estimated.token_block * 3)
+        state = estimated.encode(x)
+        weights = torch.softmax(query @ x.transpose(-1, -2), dim=-1)
+        torch.testing.assert_close(estimated.mix(weights, state), decoded.mix(weights, state), atol=self.atol, rtol=self.rtol)
