@@ -17,12 +17,28 @@ from kvcompress.methods import (
     TransformMethod,
 )
 from kvcompress.plugins import Registry, get_registry, set_registry
-from kvcompress.runtime import Estimator, Quantizer, Transform
 from kvcompress.spec import CacheSpec, json_schema, load_spec, parse_spec
 from kvcompress.spec_base import MethodSpec
-from kvcompress.state import PackedState
 
 __version__ = "0.1.0"
+
+# Names whose modules import torch (or transformers) load on first use, so that plugin modules, which
+# import kvcompress for the hook marker and descriptors, stay light.
+_LAZY = {
+    "Estimator": "kvcompress.runtime",
+    "Quantizer": "kvcompress.runtime",
+    "Transform": "kvcompress.runtime",
+    "PackedState": "kvcompress.state",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "CacheSpec",

