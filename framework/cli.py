@@ -65,7 +65,12 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
-    text = json.dumps(json_schema(registry), indent=2)
+    if args.markdown:
+        from kvcompress.reference import render
+
+        text = render(registry).rstrip("\n")
+    else:
+        text = json.dumps(json_schema(registry), indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -125,8 +130,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(run=cmd_validate)
 
-    p = sub.add_parser("schema", help="JSON Schema of the spec format, for editors")
+    p = sub.add_parser("schema", help="JSON Schema of the spec format, for editors (or --markdown reference)")
     p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--markdown", action="store_true", help="the human reference (docs/specs.md) instead")
     p.set_defaults(run=cmd_schema)
 
     p = sub.add_parser("roundtrip", help="encode/decode random tensors with each spec: bits per element and error")

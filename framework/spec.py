@@ -59,8 +59,8 @@ class LayerOverride(_Strict):
 
     window: int | None = Field(None, ge=0, description="Full-precision recent tokens for these layers.")
     sinks: int | None = Field(None, ge=0, description="Full-precision first tokens for these layers.")
-    keys: PipelineOverride | None = None
-    values: PipelineOverride | None = None
+    keys: PipelineOverride | None = Field(None, description="Stages replaced for keys in these layers.")
+    values: PipelineOverride | None = Field(None, description="Stages replaced for values in these layers.")
 
 
 class LayerPlan(_Strict):
@@ -79,8 +79,8 @@ class CacheSpec(_Strict):
     description: str = Field("", description="Free text.")
     window: int = Field(0, ge=0, description="Most recent tokens kept in full precision.")
     sinks: int = Field(0, ge=0, description="First tokens (attention sinks) kept in full precision.")
-    keys: SerializeAsAny[PipelineSpec]
-    values: SerializeAsAny[PipelineSpec]
+    keys: SerializeAsAny[PipelineSpec] = Field(description="How keys are compressed and read.")
+    values: SerializeAsAny[PipelineSpec] = Field(description="How values are compressed and read.")
     layers: dict[str, SerializeAsAny[LayerOverride]] = Field(
         default_factory=dict,
         description='Per-layer overrides keyed by layer selections: "3", "0-1", "0,2,5-7". Selections may not overlap.',
@@ -182,13 +182,14 @@ def _validation_model(signature: tuple[tuple[str, tuple[type, ...]], ...]) -> ty
         "PipelineOverride", __base__=PipelineOverride, **{stage: stage_field(stage, False) for stage in STAGES}
     )
     layer_override = create_model(
-        "LayerOverride", __base__=LayerOverride, keys=(pipeline_override | None, None), values=(pipeline_override | None, None)
+        "LayerOverride",
+        __base__=LayerOverride,
+        **{role: (pipeline_override | None, Field(None, description=LayerOverride.model_fields[role].description)) for role in ROLES},
     )
     return create_model(
         "CacheSpec",
         __base__=CacheSpec,
-        keys=(SerializeAsAny[pipeline], ...),
-        values=(SerializeAsAny[pipeline], ...),
+        **{role: (SerializeAsAny[pipeline], Field(description=CacheSpec.model_fields[role].description)) for role in ROLES},
         layers=(dict[str, SerializeAsAny[layer_override]], Field(default_factory=dict, description=CacheSpec.model_fields["layers"].description)),
     )
 
@@ -386,10 +387,8 @@ def _field_annotation(models: list[type[BaseModel]], item: Any) -> Any:
     for m in models:
         if isinstance(item, str) and item in m.model_fields:
             return m.model_fields[item].annotation
-    # a dict value (layer override key) or list item: look inside the container
-    for m in models:
-        return m
-    return None
+    # not a field: a dict key (a layer selection) whose value is the container's model
+    return models[0] if models else None
 
 
 def _method_tag(model: type[BaseModel]) -> str | None:
