@@ -29,6 +29,10 @@ _LAZY = {
     "Quantizer": "kvcompress.runtime",
     "Transform": "kvcompress.runtime",
     "PackedState": "kvcompress.state",
+    "CompressedCache": "kvcompress.hf.cache",
+    "Patch": "kvcompress.hf.patch",
+    "cache_for": "kvcompress.hf.patch",
+    "patch": "kvcompress.hf.patch",
 }
 
 
@@ -43,12 +47,14 @@ def __getattr__(name: str):
 __all__ = [
     "CacheSpec",
     "CodebookMethod",
+    "CompressedCache",
     "Estimator",
     "EstimatorMethod",
     "KVCompressError",
     "LayerContext",
     "MethodSpec",
     "PackedState",
+    "Patch",
     "PluginError",
     "Quantizer",
     "QuantizerMethod",
@@ -58,10 +64,12 @@ __all__ = [
     "TransformMethod",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "cache_for",
     "get_registry",
     "hookimpl",
     "json_schema",
     "load_spec",
     "parse_spec",
+    "patch",
     "set_registry",
 ]

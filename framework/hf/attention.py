@@ -1,0 +1,216 @@
+"""Attention computed from the compressed cache, registered with transformers as "kvcompress".
+
+For a layer holding [sinks | packed middle | tail] (position order), with queries grouped by KV head:
+
+    scores  = [q @ sinks_k^T,  keys estimator scores(q, packed keys),  q @ tail_k^T] * scaling (+ softcap)
+    weights = softmax(scores + mask) in float32
+    output  = w_sinks @ sinks_v + values estimator mix(w_middle, packed values) + w_tail @ tail_v
+
+The estimators come from the spec (the core's "decode", or a plugin's), so methods that read their
+packed state directly plug in without this module knowing them. The mask is transformers' own, built by
+the mask function registered beside the attention (always materialized, covering every held token), so
+causal masking, left padding and sliding windows come from the model exactly as for sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvcompress.errors import KVCompressError
+from kvcompress.pipeline import LayerCodecs
+
+NAME = "kvcompress"
+# Attribute the patch's pre-forward hook sets on an attention module: the CompressedCache of the running forward.
+CACHE_ATTRIBUTE = "_kvcompress_cache"
+# Keyword arguments some models pass that change the attention math in ways this function does not implement.
+UNSUPPORTED_KWARGS = {
+    "s_aux": "learned attention-sink logits (gpt-oss)",
+    "position_bias": "an additive position bias (T5-style)",
+}
+# Upper bound on the float32 score block of one query chunk; long prefills run in query chunks under it.
+SCORE_CHUNK_BYTES = 256 * 2**20
+
+
+class Segment(Protocol):
+    """A run of consecutive tokens of one layer that attention can score and mix."""
+
+    length: int
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor: ...
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseSegment:
+    """Full-precision keys and values [batch, kv_heads, tokens, head_dim]."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values, self.length = keys, values, keys.shape[2]
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.keys.to(query.dtype).transpose(-1, -2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights @ self.values.to(weights.dtype)
+
+
+class PackedSegment:
+    """The packed middle of a layer, read through the spec's estimators."""
+
+    def __init__(self, codecs: LayerCodecs, key_state: Any, value_state: Any):
+        self.codecs, self.key_state, self.value_state = codecs, key_state, value_state
+        self.length = key_state.tokens
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        return self.codecs.keys.scores(query, self.key_state)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.codecs.values.mix(weights, self.value_state).to(weights.dtype)
+
+
+def layer_segments(layer: Any) -> list[Segment]:
+    """The non-empty segments of a CompressedLayer, in position order."""
+    segments: list[Segment] = [DenseSegment(layer.sink_keys, layer.sink_values)]
+    if layer.key_state is not None:
+        segments.append(PackedSegment(layer.codecs, layer.key_state, layer.value_state))
+    segments.append(DenseSegment(layer.tail_keys, layer.tail_values))
+    return [s for s in segments if s.length]
+
+
+def kvcompress_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' sdpa mask, never skipped: the attention below has no is_causal shortcut to fall back on."""
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def kvcompress_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls: query [b, hq, q, d] -> output [b, q, hq, d].
+
+    With a CompressedCache in the running forward it attends over everything the layer holds; otherwise
+    (no cache, use_cache=False) over the key and value it is given, with the same math.
+    """
+    for name, what in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise KVCompressError(
+                f"{type(module).__name__} passes {name} ({what}) to attention, which kvcompress does not implement; "
+                "this model is not supported"
+            )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    cache = getattr(module, CACHE_ATTRIBUTE, None)
+    if cache is None:
+        segments: list[Segment] = [DenseSegment(key, value)]
+    else:
+        if dropout:
+            raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
+        layer = cache.layers[module.layer_idx]
+        segments = layer_segments(layer)
+        layer.attended = True
+    output = attend(
+        query,
+        segments,
+        kv_heads=key.shape[1],
+        attention_mask=attention_mask,
+        scaling=scaling,
+        softcap=softcap,
+        dropout=dropout if module.training else 0.0,
+        causal=getattr(module, "is_causal", True),
+    )
+    return output, None
+
+
+def attend(
+    query: torch.Tensor,
+    segments: list[Segment],
+    kv_heads: int,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Softmax attention of query [b, hq, q, d] over segments that together hold `length` tokens.
+
+    Queries are grouped by KV head ([b, kv_heads, groups * q, d]) for the segments, so grouped-query
+    attention costs nothing extra. Returns [b, q, hq, d_v] in the query's dtype.
+    """
+    batch, heads, q_len, dim = query.shape
+    groups = heads // kv_heads
+    length = sum(s.length for s in segments)
+    bias = _mask_bias(attention_mask, q_len, length, heads, kv_heads, causal, query.device)
+    chunk = max(1, SCORE_CHUNK_BYTES // max(1, 4 * batch * heads * length))
+    outputs = []
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        rows = stop - start
+        grouped = query[:, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
+        scores = torch.cat([s.scores(grouped).float() for s in segments], dim=-1) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.view(batch, kv_heads, groups, rows, length)
+        if bias is not None:
+            scores = scores + bias[..., start:stop, :]
+        weights = torch.softmax(scores, dim=-1)
+        if dropout:
+            weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
+        weights = weights.to(query.dtype).view(batch, kv_heads, groups * rows, length)
+        out = None
+        offset = 0
+        for s in segments:
+            part = s.mix(weights[..., offset : offset + s.length])
+            out = part if out is None else out + part
+            offset += s.length
+        outputs.append(out.view(batch, kv_heads, groups, rows, -1).reshape(batch, heads, rows, -1))
+    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return output.transpose(1, 2).contiguous()
+
+
+def _mask_bias(
+    mask: torch.Tensor | None,
+    q_len: int,
+    length: int,
+    heads: int,
+    kv_heads: int,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """An additive float32 bias shaped to broadcast over [b, kv_heads, groups, q, length], or None."""
+    if mask is None:
+        if not causal:
+            return None
+        # The queries are the newest q_len tokens: query i sits at position length - q_len + i.
+        mask = torch.ones(q_len, length, dtype=torch.bool, device=device).tril(length - q_len)[None, None]
+    if mask.shape[-1] != length or mask.shape[-2] != q_len:
+        raise KVCompressError(
+            f"attention mask covers {mask.shape[-2]} queries x {mask.shape[-1]} keys, but the layer holds {length} "
+            f"tokens for {q_len} queries; pass the 2D attention_mask and let the model build the 4D one"
+        )
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        bias.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    else:
+        bias = mask.float()
+    if bias.shape[1] == 1:
+        return bias[:, :, None]
+    if bias.shape[1] == heads:
+        return bias.view(bias.shape[0], kv_heads, heads // kv_heads, q_len, length)
+    raise KVCompressError(f"attention mask has {bias.shape[1]} heads; expected 1 or {heads}")
+
+
+AttentionInterface.register(NAME, kvcompress_attention)
+AttentionMaskInterface.register(NAME, kvcompress_mask)

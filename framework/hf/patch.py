@@ -1,0 +1,170 @@
+"""Model patching: the one place kvcompress changes a transformers model.
+
+    with kvcompress.patch(model, spec) as patched:     # attention -> "kvcompress", hooks installed
+        cache = patched.cache()
+        model.generate(**inputs, past_key_values=cache)
+    # on exit: the previous attention implementation is back and the hooks are gone
+
+    cache = kvcompress.cache_for(model, spec)          # patch (idempotent, stays on) + a fresh cache
+
+Patching sets the model's attention implementation to "kvcompress" (kvcompress.hf.attention) and puts a
+pre-forward hook on every attention module. The hook finds the CompressedCache among the module's
+arguments and records it on the module for the attention function; it also arms the layer, so that a
+cache updated by an unpatched model fails loudly instead of attending over the newest tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvcompress.errors import KVCompressError, UnsupportedModelError
+from kvcompress.hf import attention
+from kvcompress.hf.cache import CompressedCache, ModelGeometry, SpecLike, model_geometry, resolve_spec
+from kvcompress.plugins import Registry
+from kvcompress.spec import CacheSpec
+
+PATCH_ATTRIBUTE = "_kvcompress_patch"
+
+
+def attention_modules(model: torch.nn.Module, geometry: ModelGeometry) -> list[torch.nn.Module]:
+    """The self-attention module of each layer, in layer order, or UnsupportedModelError saying what is missing."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and "Attention" in type(module).__name__ and index not in found:
+            found[index] = module
+    missing = [i for i in range(geometry.num_layers) if i not in found]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no attention module (a submodule named *Attention* with an integer "
+            f"layer_idx) for layer(s) {', '.join(map(str, missing[:8]))} of {geometry.num_layers}; kvcompress patches "
+            "models whose attention goes through transformers' AttentionInterface"
+        )
+    return [found[i] for i in range(geometry.num_layers)]
+
+
+def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, CompressedCache):
+        return cache
+    return next((a for a in args if isinstance(a, CompressedCache)), None)
+
+
+def _before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = _find_cache(args, kwargs)
+    setattr(module, attention.CACHE_ATTRIBUTE, cache)
+    if cache is not None:
+        layer = cache.layers[module.layer_idx]
+        layer.armed = True
+        layer.attended = True  # nothing stored yet; update() clears it until the attention reads the layer
+
+
+def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    cache = getattr(module, attention.CACHE_ATTRIBUTE, None)
+    # Drop the reference so a finished forward does not keep the cache alive.
+    setattr(module, attention.CACHE_ATTRIBUTE, None)
+    if cache is None:
+        return
+    layer = cache.layers[module.layer_idx]
+    layer.armed = False
+    if output is not None and not layer.attended:
+        raise KVCompressError(
+            f"layer {module.layer_idx} stored tokens in the CompressedCache but its attention was not kvcompress's "
+            f"(the model's attention implementation is {module.config._attn_implementation!r}); do not change the "
+            "attention implementation of a patched model"
+        )
+
+
+class Patch:
+    """A patched model: restores it on exit (or restore()), builds caches with cache()."""
+
+    def __init__(self, model: torch.nn.Module, spec: CacheSpec, geometry: ModelGeometry, registry: Registry | None):
+        self.model = model
+        self.spec = spec
+        self.geometry = geometry
+        self.registry = registry
+        self.previous_attention: str | None = None
+        self.hooks: list[Any] = []
+        self.active = False
+
+    def apply(self, modules: list[torch.nn.Module]) -> None:
+        self.previous_attention = self.model.config._attn_implementation
+        self.model.set_attn_implementation(attention.NAME)
+        if self.model.config._attn_implementation != attention.NAME:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} does not let its attention implementation be changed (it does not call "
+                "transformers' AttentionInterface), so kvcompress cannot read its cache"
+            )
+        for module in modules:
+            self.hooks.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
+            self.hooks.append(module.register_forward_hook(_after_attention, with_kwargs=True, always_call=True))
+        setattr(self.model, PATCH_ATTRIBUTE, self)
+        self.active = True
+
+    def cache(self, spec: SpecLike | None = None) -> CompressedCache:
+        """A fresh CompressedCache for this model (from this patch's spec unless another is given)."""
+        return CompressedCache(
+            self.spec if spec is None else spec,
+            self.model.config,
+            model_name=getattr(self.model.config, "_name_or_path", None) or None,
+            registry=self.registry,
+        )
+
+    def restore(self) -> None:
+        """Put back the attention implementation the model had and remove the hooks."""
+        if not self.active:
+            return
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.model.set_attn_implementation(self.previous_attention)
+        if getattr(self.model, PATCH_ATTRIBUTE, None) is self:
+            delattr(self.model, PATCH_ATTRIBUTE)
+        self.active = False
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+class _Nested(Patch):
+    """What patch() returns for a model already patched: uses the outer patch, restores nothing on exit."""
+
+    def restore(self) -> None:
+        self.active = False
+
+
+def patch(model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None) -> Patch:
+    """Validate `spec` for `model` and route the model's attention through kvcompress.
+
+    Returns a Patch, usable as a context manager that restores the model on exit. Patching a model that
+    is already patched changes nothing and returns a handle whose exit leaves the outer patch in place.
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel (no set_attn_implementation); "
+            "load the model with transformers"
+        )
+    geometry = model_geometry(getattr(model, "config", None))
+    spec = resolve_spec(spec, registry)
+    spec.check_layers(geometry.num_layers)
+    current = getattr(model, PATCH_ATTRIBUTE, None)
+    if current is not None and current.active:
+        nested = _Nested(model, spec, geometry, registry)
+        nested.active = True
+        return nested
+    handle = Patch(model, spec, geometry, registry)
+    handle.apply(attention_modules(model, geometry))
+    return handle
+
+
+def cache_for(model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None) -> CompressedCache:
+    """Patch `model` (if it is not already) and return a fresh CompressedCache built from `spec` for it.
+
+    The model stays patched; use `with kvcompress.patch(model, spec):` for a scoped change.
+    """
+    return patch(model, spec, registry).cache()

@@ -1,0 +1,182 @@
+"""Attention from the compressed state: exactness against DynamicCache, masks, GQA, padding, estimators."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvcompress
+from kvcompress import EstimatorMethod, MethodSpec, Registry, hookimpl
+from kvcompress.hf import attention
+
+PROMPT, DECODE_STEPS = 12, 6
+
+
+def chunked_logits(model, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill PROMPT tokens, then one token per forward, as generation does; logits of every position."""
+    logits = []
+    with torch.no_grad():
+        for start, stop in [(0, PROMPT)] + [(i, i + 1) for i in range(PROMPT, ids.shape[1])]:
+            mask = None if attention_mask is None else attention_mask[:, :stop]
+            logits.append(model(ids[:, start:stop], attention_mask=mask, past_key_values=cache).logits)
+    return torch.cat(logits, dim=1)
+
+
+def test_window_zero_float32_matches_dynamic_cache(arch, make_model, make_float_spec):
+    """Every token goes through the packed state and the decode estimator; in float32 that is exact."""
+    model = make_model(arch)
+    ids = torch.randint(0, 128, (1, PROMPT + DECODE_STEPS), generator=torch.Generator().manual_seed(1))
+    reference = chunked_logits(model, ids, DynamicCache(config=model.config))
+    cache = kvcompress.cache_for(model, make_float_spec(window=0))
+    logits = chunked_logits(model, ids, cache)
+    assert cache.compressed_tokens() == 2 * ids.shape[1]  # both layers hold every token packed
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+def test_window_covering_everything_generates_like_dynamic_cache(arch, make_model, make_float_spec):
+    model = make_model(arch)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache(config=model.config))
+        cache = kvcompress.cache_for(model, make_float_spec("float16", window=64))
+        generated = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert cache.compressed_tokens() == 0
+    assert generated.tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3", "gemma2"])
+def test_left_padded_batch_matches_dynamic_cache(arch_name, make_model, make_float_spec):
+    model = make_model(arch_name)
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # the second row is a shorter prompt, left padded
+    ids[1, :4] = 0
+    with torch.no_grad():
+        reference = model.generate(
+            ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=DynamicCache(config=model.config)
+        )
+        cache = kvcompress.cache_for(model, make_float_spec(window=3, sinks=1))
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert cache.compressed_tokens() > 0
+    assert generated.tolist() == reference.tolist()
+
+    # The logits of the real (unpadded) positions agree, with padding in the middle of the compressed part.
+    full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
+    ref_logits = chunked_logits(model, generated[:, :-1], DynamicCache(config=model.config), full_mask[:, :-1])
+    logits = chunked_logits(model, generated[:, :-1], kvcompress.cache_for(model, make_float_spec(window=2)), full_mask[:, :-1])
+    real = full_mask[:, :-1].bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-5, rtol=0)
+
+
+def test_sampled_decoding_runs_and_matches_with_the_same_seed(make_model, make_float_spec):
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for cache in (DynamicCache(config=model.config), kvcompress.cache_for(model, make_float_spec(window=0))):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            runs.append(model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, temperature=1.0, past_key_values=cache))
+    assert runs[1].shape == (2, 16)
+    assert runs[1].tolist() == runs[0].tolist()
+
+
+def test_forward_without_cache_uses_the_same_math(make_model, make_float_spec):
+    """use_cache=False on a patched model: attention over the given key/value, equal to sdpa."""
+    model = make_model("qwen2")
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        with kvcompress.patch(model, make_float_spec()):
+            assert model.config._attn_implementation == "kvcompress"
+            logits = model(ids, use_cache=False).logits
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+def naive_attention(query, keys, values, mask, scaling, softcap=None):
+    """Textbook attention with repeated KV heads: query [b, hq, q, d], keys [b, hkv, t, d] -> [b, q, hq, d]."""
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    scores = query.float() @ keys.float().transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ values.float()).transpose(1, 2)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_attend_over_segments_equals_naive_attention_in_query_chunks(monkeypatch, softcap):
+    gen = torch.Generator().manual_seed(6)
+    b, hq, hkv, q, t, d = 2, 6, 2, 5, 13, 8
+    query = torch.randn(b, hq, q, d, generator=gen)
+    keys = torch.randn(b, hkv, t, d, generator=gen)
+    values = torch.randn(b, hkv, t, d, generator=gen)
+    mask = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None].repeat(b, 1, 1, 1)
+    mask[1, :, :, :3] = False  # left padding of the second sequence
+    segments = [attention.DenseSegment(keys[:, :, a:z], values[:, :, a:z]) for a, z in [(0, 2), (2, 9), (9, 13)]]
+    # A score block of one query row at a time: five chunks.
+    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", 4 * b * hq * t)
+    out = attention.attend(query, segments, kv_heads=hkv, attention_mask=mask, scaling=0.3, softcap=softcap)
+    expected = naive_attention(query, keys, values, mask, 0.3, softcap)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    # Without a mask, a causal one aligned to the newest tokens is used.
+    out = attention.attend(query, segments, kv_heads=hkv, attention_mask=None, scaling=0.3, softcap=softcap)
+    causal = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None]
+    torch.testing.assert_close(out, naive_attention(query, keys, values, causal, 0.3, softcap), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_of_the_wrong_length_is_a_clear_error():
+    query, keys = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(kvcompress.KVCompressError, match="layer holds 5 tokens"):
+        attention.attend(query, [attention.DenseSegment(keys, keys)], 2, torch.ones(1, 1, 1, 7, dtype=torch.bool), 1.0)
+
+
+class CountingSpec(MethodSpec):
+    """Test estimator: decode-and-matmul that counts its calls."""
+
+    method: Literal["counting"] = "counting"
+
+
+class CountingEstimator:
+    calls = {"scores": 0, "mix": 0}
+
+    def scores(self, query, state, quantizer):
+        self.calls["scores"] += 1
+        return query @ quantizer.decode(state).to(query.dtype).transpose(-1, -2)
+
+    def mix(self, weights, state, quantizer):
+        self.calls["mix"] += 1
+        return weights @ quantizer.decode(state).to(weights.dtype)
+
+
+class CountingPlugin:
+    @hookimpl
+    def kvcompress_estimators(self):
+        return [EstimatorMethod(name="counting", spec=CountingSpec, factory=lambda spec, ctx: CountingEstimator())]
+
+
+def test_spec_estimators_are_what_attention_calls(make_model, make_float_spec):
+    registry = Registry(entry_points=False)
+    registry.register(CountingPlugin(), "counting-plugin")
+    spec = make_float_spec(window=2)
+    spec["keys"]["estimator"] = {"method": "counting"}
+    spec["values"]["estimator"] = {"method": "counting"}
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (1, PROMPT + 3), generator=torch.Generator().manual_seed(7))
+    CountingEstimator.calls.update(scores=0, mix=0)
+    logits = chunked_logits(model, ids, kvcompress.cache_for(model, spec, registry=registry))
+    # One call per layer and forward (4 forwards x 2 layers), each role through its own estimator.
+    assert CountingEstimator.calls == {"scores": 8, "mix": 8}
+    torch.testing.assert_close(logits, chunked_logits(model, ids, DynamicCache(config=model.config)), atol=1e-5, rtol=0)
+
+
+def test_unsupported_attention_arguments_are_refused(make_model):
+    model = make_model("llama")
+    module = model.model.layers[0].self_attn
+    x = torch.randn(1, 4, 3, 16)
+    with pytest.raises(kvcompress.KVCompressError, match="s_aux"):
+        attention.kvcompress_attention(module, x, x[:, :2], x[:, :2], None, s_aux=torch.zeros(4))
