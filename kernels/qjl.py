@@ -1,0 +1,389 @@
+"""QJL key sketching: sign bits of a Gaussian-like projection, and attention scores read from them.
+
+A key k of head_dim d is stored as sign(S k) for a sketch S of m rows (m bits, LSB-first: bit j of byte b is
+row 8b + j) and its norm. With outliers, each group of `group` consecutive tokens of one head has its own
+`outliers` channels split off: k = k_in + k_out, the inlier part sketched with all m rows, the outlier part
+with the first m' rows; both norms are stored (fp16).
+
+Scores of a query q against a stored key (scale is the estimator constant, sqrt(pi/2) for a Gaussian sketch):
+    scale/m * ||k_in|| * <S q_in, sign(S k_in)> + scale/m' * ||k_out|| * <S' q_out, sign(S' k_out)>
+where q_in, q_out split q on the same channels as its key. q_in is used rather than q because the inlier
+sketch never saw the outlier channels: the estimate stays unbiased and loses the outlier channels' variance.
+
+`qjl_quantize_torch` / `qjl_scores_torch` are the references (and the CPU path), `qjl_quantize_triton` /
+`qjl_scores_triton` the kernels; `qjl_quantize` / `qjl_scores` dispatch on the device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvcompress.kernels._triton import HAS_TRITON, use_triton
+from kvcompress.kernels.bitpack import pack_bits_torch, unpack_bits_torch
+
+
+class QJLCodes(NamedTuple):
+    """Packed QJL state of a block of keys [batch, heads, tokens, head_dim].
+
+    signs: uint8 [b, h, t, m/8]; norm: fp16 [b, h, t] (norm of the inlier part, the whole key without outliers);
+    outlier_signs: uint8 [b, h, t, m'/8] and outlier_norm: fp16 [b, h, t], None without outliers.
+    """
+
+    signs: torch.Tensor
+    norm: torch.Tensor
+    outlier_signs: torch.Tensor | None
+    outlier_norm: torch.Tensor | None
+
+
+def outlier_channels(keys: torch.Tensor, outliers: int, group: int) -> torch.Tensor:
+    """The `outliers` channels of largest norm over each group of `group` tokens, per head.
+
+    keys [b, h, t, d] with t % group == 0 -> uint8 [b, h, t/group, outliers], ascending channel order.
+    """
+    b, h, t, d = keys.shape
+    if t % group:
+        raise ValueError(f"outlier selection needs whole groups of {group} tokens, got {t} tokens")
+    if d > 256:
+        raise ValueError(f"outlier channel indices are stored as uint8, so head_dim must be <= 256, got {d}")
+    energy = keys.float().reshape(b, h, t // group, group, d).square().sum(3)
+    chosen = energy.topk(outliers, dim=-1).indices.sort(dim=-1).values
+    return chosen.to(torch.uint8).contiguous()
+
+
+def group_channel_mask(outlier_index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """uint8 [b, h, G, o] channel indices -> bool [b, h, G, head_dim], True on outlier channels."""
+    mask = torch.zeros(*outlier_index.shape[:-1], head_dim, dtype=torch.bool, device=outlier_index.device)
+    return mask.scatter_(-1, outlier_index.long(), True)
+
+
+def unpack_signs(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """uint8 [..., rows/8] sign bits -> float32 [..., rows] of +1 (bit set) / -1."""
+    return unpack_bits_torch(packed, 1, rows).float() * 2 - 1
+
+
+def _check_quantize(keys: torch.Tensor, sketch: torch.Tensor, outlier_index: torch.Tensor | None,
+                    group: int, outlier_sketch_dim: int) -> None:
+    if keys.dim() != 4 or keys.shape[-1] != sketch.shape[1]:
+        raise ValueError(f"keys must be [batch, heads, tokens, {sketch.shape[1]}], got {tuple(keys.shape)}")
+    if sketch.shape[0] % 8:
+        raise ValueError(f"sketch rows must be a multiple of 8 (packed 8 per byte), got {sketch.shape[0]}")
+    if outlier_index is not None:
+        if outlier_sketch_dim % 8 or not 8 <= outlier_sketch_dim <= sketch.shape[0]:
+            raise ValueError(
+                f"outlier_sketch_dim must be a multiple of 8 in 8..{sketch.shape[0]}, got {outlier_sketch_dim}"
+            )
+        if outlier_index.shape[:2] != keys.shape[:2] or outlier_index.shape[2] * group != keys.shape[2]:
+            raise ValueError(
+                f"outlier_index {tuple(outlier_index.shape)} does not cover keys {tuple(keys.shape)} "
+                f"in groups of {group} tokens"
+            )
+
+
+def qjl_quantize_torch(
+    keys: torch.Tensor,
+    sketch: torch.Tensor,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+    outlier_sketch_dim: int = 0,
+) -> QJLCodes:
+    """Sketch, take signs and pack a block of keys [b, h, t, d] with sketch [m, d] (fp32)."""
+    _check_quantize(keys, sketch, outlier_index, group, outlier_sketch_dim)
+    x = keys.float()
+    if outlier_index is None:
+        return QJLCodes(pack_bits_torch(x @ sketch.T > 0, 1), x.norm(dim=-1).half(), None, None)
+    mask = group_channel_mask(outlier_index, x.shape[-1]).repeat_interleave(group, dim=2)
+    inlier = x.masked_fill(mask, 0.0)
+    outlier = x.masked_fill(~mask, 0.0)
+    return QJLCodes(
+        signs=pack_bits_torch(inlier @ sketch.T > 0, 1),
+        norm=inlier.norm(dim=-1).half(),
+        outlier_signs=pack_bits_torch(outlier @ sketch[:outlier_sketch_dim].T > 0, 1),
+        outlier_norm=outlier.norm(dim=-1).half(),
+    )
+
+
+def qjl_scores_torch(
+    query: torch.Tensor,
+    codes: QJLCodes,
+    sketch: torch.Tensor,
+    scale: float,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+) -> torch.Tensor:
+    """Unscaled attention scores <q, k> estimated from packed keys, float32 [b, h, n, t].
+
+    query [b, h, n, d] is grouped by KV head (n = query heads per KV head x query length), so one sketch of
+    each query serves every key of its KV head: grouped-query attention costs nothing extra.
+    """
+    q = query.float()
+    m = sketch.shape[0]
+    sq = q @ sketch.T  # [b, h, n, m]
+    signs = unpack_signs(codes.signs, m)  # [b, h, t, m]
+    norm = codes.norm.float()
+    if outlier_index is None:
+        return scale / m * (sq @ signs.transpose(-1, -2)) * norm.unsqueeze(-2)
+    b, h, n, d = q.shape
+    t = signs.shape[2]
+    groups = t // group
+    m_out = codes.outlier_signs.shape[-1] * 8
+    mask = group_channel_mask(outlier_index, d).float()  # [b, h, G, d]
+    sq_out = (q.unsqueeze(2) * mask.unsqueeze(3)) @ sketch.T  # [b, h, G, n, m]
+    sq_in = sq.unsqueeze(2) - sq_out
+    inner = sq_in @ signs.reshape(b, h, groups, group, m).transpose(-1, -2)  # [b, h, G, n, group]
+    outlier_signs = unpack_signs(codes.outlier_signs, m_out).reshape(b, h, groups, group, m_out)
+    inner_out = sq_out[..., :m_out] @ outlier_signs.transpose(-1, -2)
+    norm = norm.reshape(b, h, groups, 1, group)
+    norm_out = codes.outlier_norm.float().reshape(b, h, groups, 1, group)
+    scores = scale / m * inner * norm + scale / m_out * inner_out * norm_out
+    return scores.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
+
+
+def qjl_quantize(
+    keys: torch.Tensor,
+    sketch: torch.Tensor,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+    outlier_sketch_dim: int = 0,
+) -> QJLCodes:
+    """Quantize with the Triton kernel on CUDA, the torch reference elsewhere."""
+    if use_triton(keys, sketch):
+        return qjl_quantize_triton(keys, sketch, outlier_index, group, outlier_sketch_dim)
+    return qjl_quantize_torch(keys, sketch, outlier_index, group, outlier_sketch_dim)
+
+
+def qjl_scores(
+    query: torch.Tensor,
+    codes: QJLCodes,
+    sketch: torch.Tensor,
+    scale: float,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+) -> torch.Tensor:
+    """Scores with the Triton kernel on CUDA, the torch reference elsewhere."""
+    if use_triton(query, codes.signs, sketch):
+        return qjl_scores_triton(query, codes, sketch, scale, outlier_index, group)
+    return qjl_scores_torch(query, codes, sketch, scale, outlier_index, group)
+
+
+def _block(n: int) -> int:
+    """A power-of-two block size of at least 16 (the smallest tl.dot operand) covering n."""
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sign_bytes(x, sketch_ptr, rows, offs_d, d, BT: tl.constexpr, BYTES: tl.constexpr):
+        """Packed sign bits of x [BT, BD] @ sketch[:rows].T: [BT, BYTES] int32, bit j of byte b = row 8b + j."""
+        offs_b = tl.arange(0, BYTES)
+        packed = tl.zeros([BT, BYTES], dtype=tl.int32)
+        for j in tl.static_range(8):
+            row = offs_b * 8 + j
+            # sketch rows j, j+8, ... transposed to [BD, BYTES]: one bit plane per dot
+            plane = tl.load(
+                sketch_ptr + row[None, :] * d + offs_d[:, None],
+                mask=(row[None, :] < rows) & (offs_d[:, None] < d),
+                other=0.0,
+            )
+            projection = tl.dot(x, plane, input_precision="ieee")
+            packed |= (projection > 0).to(tl.int32) << j
+        return packed
+
+    @triton.jit
+    def _qjl_quantize_kernel(
+        keys_ptr, outlier_index_ptr, sketch_ptr,
+        signs_ptr, norm_ptr, outlier_signs_ptr, outlier_norm_ptr,
+        t, d, m, m_out, groups, group, outliers,
+        BT: tl.constexpr, BD: tl.constexpr, BYTES: tl.constexpr, BYTES_OUT: tl.constexpr,
+        HAS_OUTLIERS: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+        offs_d = tl.arange(0, BD)
+        live_t = offs_t < t
+        x = tl.load(
+            keys_ptr + bh * t * d + offs_t[:, None] * d + offs_d[None, :],
+            mask=live_t[:, None] & (offs_d[None, :] < d),
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_OUTLIERS:
+            # channel mask of each token's group, from the group's outlier indices
+            group_of = bh * groups + offs_t // group
+            is_outlier = tl.zeros([BT, BD], dtype=tl.int1)
+            for o in range(outliers):
+                channel = tl.load(outlier_index_ptr + group_of * outliers + o, mask=live_t, other=BD).to(tl.int32)
+                is_outlier = is_outlier | (offs_d[None, :] == channel[:, None])
+            x_out = tl.where(is_outlier, x, 0.0)
+            x = tl.where(is_outlier, 0.0, x)
+            out_bytes = m_out // 8
+            offs_bo = tl.arange(0, BYTES_OUT)
+            packed_out = _sign_bytes(x_out, sketch_ptr, m_out, offs_d, d, BT, BYTES_OUT)
+            tl.store(
+                outlier_signs_ptr + (bh * t + offs_t[:, None]) * out_bytes + offs_bo[None, :],
+                packed_out.to(tl.uint8),
+                mask=live_t[:, None] & (offs_bo[None, :] < out_bytes),
+            )
+            tl.store(outlier_norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x_out * x_out, axis=1)).to(tl.float16), mask=live_t)
+        nbytes = m // 8
+        offs_b = tl.arange(0, BYTES)
+        packed = _sign_bytes(x, sketch_ptr, m, offs_d, d, BT, BYTES)
+        tl.store(
+            signs_ptr + (bh * t + offs_t[:, None]) * nbytes + offs_b[None, :],
+            packed.to(tl.uint8),
+            mask=live_t[:, None] & (offs_b[None, :] < nbytes),
+        )
+        tl.store(norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=live_t)
+
+    @triton.jit
+    def _unpacked_signs(packed_ptr, offs_t, live_t, rows, BR: tl.constexpr):
+        """+1/-1 float [BT, BR] for the packed sign rows of tokens offs_t (0 outside the live range)."""
+        offs_r = tl.arange(0, BR)
+        live = live_t[:, None] & (offs_r[None, :] < rows)
+        byte = tl.load(packed_ptr + offs_t[:, None] * (rows // 8) + offs_r[None, :] // 8, mask=live, other=0)
+        bit = (byte.to(tl.int32) >> (offs_r[None, :] % 8)) & 1
+        return tl.where(live, bit.to(tl.float32) * 2.0 - 1.0, 0.0)
+
+    @triton.jit
+    def _qjl_scores_kernel(
+        query_ptr, signs_ptr, norm_ptr, outlier_index_ptr, outlier_signs_ptr, outlier_norm_ptr, sketch_ptr,
+        out_ptr,
+        n, t, d, m, m_out, groups, group, outliers, groups_per_program, scale_in, scale_out,
+        BN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BM_OUT: tl.constexpr,
+        BO: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        offs_m = tl.arange(0, BM)
+        live_n = offs_n < n
+        q_rows = query_ptr + bh * n * d + offs_n[:, None] * d
+        q = tl.load(q_rows + offs_d[None, :], mask=live_n[:, None] & (offs_d[None, :] < d), other=0.0).to(tl.float32)
+        sketch_t = tl.load(
+            sketch_ptr + offs_m[None, :] * d + offs_d[:, None],
+            mask=(offs_m[None, :] < m) & (offs_d[:, None] < d),
+            other=0.0,
+        )
+        # S q once per query block, reused by every token group of this program
+        sq = tl.dot(q, sketch_t, input_precision="ieee")  # [BN, BM]
+        first = tl.program_id(2) * groups_per_program
+        for g in range(first, first + groups_per_program):
+            offs_t = g * group + tl.arange(0, BT)
+            live_t = (tl.arange(0, BT) < group) & (offs_t < t)  # offs_t < t also rules out g >= groups
+            signs = _unpacked_signs(signs_ptr + bh * t * (m // 8), offs_t, live_t, m, BM)
+            norm = tl.load(norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
+            if HAS_OUTLIERS:
+                # S q_out from the group's outlier columns only: [BN, BO] x [BO, BM]
+                offs_o = tl.arange(0, BO)
+                live_o = (offs_o < outliers) & (tl.full([BO], g, tl.int32) < groups)
+                channel = tl.load(outlier_index_ptr + (bh * groups + g) * outliers + offs_o, mask=live_o, other=0)
+                channel = channel.to(tl.int32)
+                q_out = tl.load(q_rows + channel[None, :], mask=live_n[:, None] & live_o[None, :], other=0.0)
+                q_out = q_out.to(tl.float32)
+                sketch_cols = tl.load(
+                    sketch_ptr + offs_m[None, :] * d + channel[:, None],
+                    mask=live_o[:, None] & (offs_m[None, :] < m),
+                    other=0.0,
+                )
+                sq_in = sq - tl.dot(q_out, sketch_cols, input_precision="ieee")
+                offs_mo = tl.arange(0, BM_OUT)
+                sketch_cols_out = tl.load(
+                    sketch_ptr + offs_mo[None, :] * d + channel[:, None],
+                    mask=live_o[:, None] & (offs_mo[None, :] < m_out),
+                    other=0.0,
+                )
+                sq_out = tl.dot(q_out, sketch_cols_out, input_precision="ieee")  # [BN, BM_OUT]
+                signs_out = _unpacked_signs(outlier_signs_ptr + bh * t * (m_out // 8), offs_t, live_t, m_out, BM_OUT)
+                norm_out = tl.load(outlier_norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
+                inner_out = tl.dot(sq_out, tl.trans(signs_out), input_precision="ieee")
+                scores = scale_in * tl.dot(sq_in, tl.trans(signs), input_precision="ieee") * norm[None, :]
+                scores += scale_out * inner_out * norm_out[None, :]
+            else:
+                scores = scale_in * tl.dot(sq, tl.trans(signs), input_precision="ieee") * norm[None, :]
+            tl.store(
+                out_ptr + bh * n * t + offs_n[:, None] * t + offs_t[None, :],
+                scores,
+                mask=live_n[:, None] & live_t[None, :],
+            )
+
+
+def qjl_quantize_triton(
+    keys: torch.Tensor,
+    sketch: torch.Tensor,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+    outlier_sketch_dim: int = 0,
+    block_tokens: int = 16,
+) -> QJLCodes:
+    """Triton version of qjl_quantize_torch (same packed bits; norms equal to fp16 rounding)."""
+    _check_quantize(keys, sketch, outlier_index, group, outlier_sketch_dim)
+    b, h, t, d = keys.shape
+    m = sketch.shape[0]
+    has_outliers = outlier_index is not None
+    m_out = outlier_sketch_dim if has_outliers else 8
+    device = keys.device
+    signs = torch.empty(b, h, t, m // 8, dtype=torch.uint8, device=device)
+    norm = torch.empty(b, h, t, dtype=torch.float16, device=device)
+    if has_outliers:
+        index = outlier_index.contiguous()
+        outlier_signs = torch.empty(b, h, t, m_out // 8, dtype=torch.uint8, device=device)
+        outlier_norm = torch.empty(b, h, t, dtype=torch.float16, device=device)
+    else:  # the kernel never touches these without outliers
+        index, outlier_signs, outlier_norm = signs, signs, norm
+    if b * h * t:
+        _qjl_quantize_kernel[(b * h, triton.cdiv(t, block_tokens))](
+            keys.contiguous(), index, sketch.float().contiguous(),
+            signs, norm, outlier_signs, outlier_norm,
+            t, d, m, m_out, outlier_index.shape[2] if has_outliers else 1, group,
+            outlier_index.shape[3] if has_outliers else 0,
+            BT=block_tokens, BD=_block(d), BYTES=_block(m // 8), BYTES_OUT=_block(m_out // 8),
+            HAS_OUTLIERS=has_outliers,
+        )
+    if not has_outliers:
+        return QJLCodes(signs, norm, None, None)
+    return QJLCodes(signs, norm, outlier_signs, outlier_norm)
+
+
+def qjl_scores_triton(
+    query: torch.Tensor,
+    codes: QJLCodes,
+    sketch: torch.Tensor,
+    scale: float,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+    block_queries: int = 16,
+    chunk: int = 32,
+    groups_per_program: int = 4,
+) -> torch.Tensor:
+    """Triton version of qjl_scores_torch: float32 [b, h, n, t].
+
+    Each program sketches a block of queries once and scores `groups_per_program` token groups against it
+    (a group is the outlier group; without outliers, `chunk` tokens).
+    """
+    b, h, n, d = query.shape
+    m = sketch.shape[0]
+    t = codes.signs.shape[2]
+    has_outliers = outlier_index is not None
+    tokens = group if has_outliers else chunk
+    groups = triton.cdiv(t, tokens)
+    m_out = codes.outlier_signs.shape[-1] * 8 if has_outliers else 8
+    outliers = outlier_index.shape[3] if has_outliers else 0
+    out = torch.empty(b, h, n, t, dtype=torch.float32, device=query.device)
+    if b * h * n * t:
+        blank = codes.signs
+        grid = (b * h, triton.cdiv(n, block_queries), triton.cdiv(groups, groups_per_program))
+        _qjl_scores_kernel[grid](
+            query.contiguous(), codes.signs.contiguous(), codes.norm.contiguous(),
+            outlier_index.contiguous() if has_outliers else blank,
+            codes.outlier_signs.contiguous() if has_outliers else blank,
+            codes.outlier_norm.contiguous() if has_outliers else codes.norm,
+            sketch.float().contiguous(), out,
+            n, t, d, m, m_out, groups, tokens, outliers, groups_per_program,
+            scale / m, scale / m_out,
+            BN=block_queries, BT=_block(tokens), BD=_block(d), BM=_block(m), BM_OUT=_block(m_out),
+            BO=_block(outliers), HAS_OUTLIERS=has_outliers,
+        )
+    return out

@@ -1,0 +1,92 @@
+"""Hook implementations of kvcompress-qjl: spec models and descriptors only (torch loads in the factories)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, hookimpl
+
+
+class QJLSpec(MethodSpec):
+    """QJL keys (arXiv 2406.03482): sign bits of a random sketch of each key plus its fp16 norm; per group of
+    tokens and head, the largest-norm channels are split off and sketched on their own."""
+
+    method: Literal["qjl"] = "qjl"
+    sketch_dim: int | None = Field(
+        None, ge=8, multiple_of=8,
+        description="Sketch rows m, i.e. sign bits per key (a multiple of 8). Default: 2 x head_dim, as in the "
+        "reference. Give a larger sketch to some layers with the spec's `layers` overrides.",
+    )
+    outliers: int = Field(
+        8, ge=0,
+        description="Outlier channels split off per group of tokens and head (0: none, and no token grouping).",
+    )
+    outlier_sketch_dim: int | None = Field(
+        None, ge=8, multiple_of=8,
+        description="Rows m' of the outlier sketch (the first m' rows of the sketch; a multiple of 8, at most "
+        "sketch_dim). Default: sketch_dim.",
+    )
+    group: int = Field(
+        32, ge=1,
+        description="Tokens per outlier group; with outliers, keys stay in full precision until a group is full.",
+    )
+    sketch: Literal["orthogonal", "gaussian"] = Field(
+        "orthogonal",
+        description="orthogonal: Gaussian blocks of head_dim rows orthogonalised by QR, rows scaled to norm "
+        "sqrt(head_dim) (the reference); gaussian: i.i.d. N(0, 1) entries (the paper's analysis).",
+    )
+    seed: int = Field(
+        0, ge=0,
+        description="Seed of the sketches; each layer's sketch is drawn from (seed, layer), the same in every process.",
+    )
+
+    @model_validator(mode="after")
+    def _outlier_sketch_fits(self) -> QJLSpec:
+        if self.sketch_dim is not None and self.outlier_sketch_dim is not None and self.outlier_sketch_dim > self.sketch_dim:
+            raise ValueError(
+                f"outlier_sketch_dim ({self.outlier_sketch_dim}) uses the first rows of the sketch, so it can be at "
+                f"most sketch_dim ({self.sketch_dim}): lower it or raise sketch_dim"
+            )
+        return self
+
+
+class QJLEstimatorSpec(MethodSpec):
+    """Attention scores of QJL keys computed in sketch space, sqrt(pi/2)/m * ||k|| * <S q, sign(S k)>, without
+    reconstructing keys."""
+
+    method: Literal["qjl"] = "qjl"
+
+
+def make_quantizer(spec: QJLSpec, ctx: LayerContext):
+    from kvcompress_qjl.quantizer import QJLQuantizer
+
+    return QJLQuantizer.from_spec(spec, ctx)
+
+
+def make_estimator(spec: QJLEstimatorSpec, ctx: LayerContext):
+    from kvcompress_qjl.estimator import QJLEstimator
+
+    return QJLEstimator()
+
+
+@hookimpl
+def kvcompress_quantizers() -> list[QuantizerMethod]:
+    return [
+        QuantizerMethod(
+            name="qjl", spec=QJLSpec, factory=make_quantizer, description=" ".join(QJLSpec.__doc__.split()),
+            roles=frozenset({"keys"}),
+        )
+    ]
+
+
+@hookimpl
+def kvcompress_estimators() -> list[EstimatorMethod]:
+    return [
+        EstimatorMethod(
+            name="qjl", spec=QJLEstimatorSpec, factory=make_estimator,
+            description=" ".join(QJLEstimatorSpec.__doc__.split()),
+            quantizers=frozenset({"qjl"}), roles=frozenset({"keys"}),
+        )
+    ]

@@ -1,0 +1,106 @@
+"""The QJL Triton kernels against their torch references (under TRITON_INTERPRET=1 without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress.kernels.qjl import (
+    outlier_channels,
+    qjl_quantize,
+    qjl_quantize_torch,
+    qjl_quantize_triton,
+    qjl_scores,
+    qjl_scores_torch,
+    qjl_scores_triton,
+)
+
+SCALE = 1.2533  # any constant: both paths multiply by it
+
+
+def sign_bits_match(reference: torch.Tensor, kernel: torch.Tensor, projection: torch.Tensor) -> None:
+    """Packed signs equal, except where the projection is within float rounding of zero (summation order)."""
+    differ = torch.nonzero(reference != kernel)
+    for *lead, byte in differ.tolist():
+        rows = projection[tuple(lead)][byte * 8 : byte * 8 + 8]
+        assert rows.abs().min() < 1e-4, f"sign bits differ at {lead + [byte]} away from zero: {rows}"
+
+
+def case(d: int, t: int, outliers: int, group: int, m: int, m_out: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, t, d, generator=generator)
+    keys[..., [1, d // 2]] *= 8.0  # heavy channels, as in real keys
+    sketch = torch.randn(m, d, generator=generator)
+    index = outlier_channels(keys, outliers, group) if outliers else None
+    return keys, sketch, index
+
+
+CASES = [
+    # head_dim, tokens (odd), outliers, group, m, m'
+    (64, 37, 0, 1, 128, 0),
+    (128, 37, 0, 1, 256, 0),
+    (64, 39, 8, 13, 128, 64),
+    (128, 33, 8, 11, 256, 256),
+    (64, 35, 3, 35, 72, 40),  # sketch rows not a power of two, one group of 35
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d, t, outliers, group, m, m_out", CASES)
+def test_quantize_kernel_matches_torch(d, t, outliers, group, m, m_out):
+    keys, sketch, index = case(d, t, outliers, group, m, m_out)
+    want = qjl_quantize_torch(keys, sketch, index, group, m_out)
+    got = qjl_quantize_triton(keys, sketch, index, group, m_out)
+    inlier = keys if index is None else keys.masked_fill(
+        torch.zeros(1, 2, t // group, d, dtype=torch.bool).scatter_(-1, index.long(), True).repeat_interleave(group, 2), 0
+    )
+    sign_bits_match(want.signs, got.signs, inlier @ sketch.T)
+    torch.testing.assert_close(got.norm, want.norm, rtol=1e-3, atol=0)
+    if index is None:
+        assert got.outlier_signs is None and got.outlier_norm is None
+    else:
+        sign_bits_match(want.outlier_signs, got.outlier_signs, (keys - inlier) @ sketch[:m_out].T)
+        torch.testing.assert_close(got.outlier_norm, want.outlier_norm, rtol=1e-3, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d, t, outliers, group, m, m_out", CASES)
+def test_scores_kernel_matches_torch_with_gqa(d, t, outliers, group, m, m_out):
+    keys, sketch, index = case(d, t, outliers, group, m, m_out)
+    codes = qjl_quantize_torch(keys, sketch, index, group, m_out)
+    # 2 query heads per KV head x 3 query tokens, grouped by KV head: n = 6 rows per KV head
+    query = torch.randn(1, 2, 6, d, generator=torch.Generator().manual_seed(9))
+    want = qjl_scores_torch(query, codes, sketch, SCALE, index, group)
+    got = qjl_scores_triton(query, codes, sketch, SCALE, index, group)
+    assert got.shape == (1, 2, 6, t)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.triton
+def test_scores_kernel_query_and_group_blocks():
+    """More queries than one block and more groups than one program: every tile lands in place."""
+    keys, sketch, index = case(64, 96, 4, 8, 128, 64, seed=2)
+    codes = qjl_quantize_torch(keys, sketch, index, 8, 64)
+    query = torch.randn(1, 2, 19, 64, generator=torch.Generator().manual_seed(4))
+    want = qjl_scores_torch(query, codes, sketch, SCALE, index, 8)
+    got = qjl_scores_triton(query, codes, sketch, SCALE, index, 8, block_queries=16, groups_per_program=3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_dispatch_uses_torch_on_cpu():
+    keys, sketch, index = case(64, 64, 8, 32, 128, 128)
+    codes = qjl_quantize(keys, sketch, index, 32, 128)
+    for name, tensor in qjl_quantize_torch(keys, sketch, index, 32, 128)._asdict().items():
+        assert torch.equal(getattr(codes, name), tensor)
+    query = torch.randn(1, 2, 3, 64)
+    assert torch.equal(qjl_scores(query, codes, sketch, SCALE, index, 32), qjl_scores_torch(query, codes, sketch, SCALE, index, 32))
+
+
+def test_bad_shapes_are_named():
+    keys, sketch, index = case(64, 64, 8, 32, 128, 128)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        qjl_quantize_torch(keys, sketch[:100], None)
+    with pytest.raises(ValueError, match="does not cover"):
+        qjl_quantize_torch(keys, sketch, index, 16, 128)
+    with pytest.raises(ValueError, match="whole groups"):
+        outlier_channels(keys[:, :, :40], 8, 32)
