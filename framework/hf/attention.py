@@ -159,12 +159,18 @@ def attend(
         stop = min(q_len, start + chunk)
         rows = stop - start
         grouped = query[:, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
-        scores = torch.cat([s.scores(grouped).float() for s in segments], dim=-1) * scaling
+        # Each segment writes its columns of one float32 block (no concatenated copy).
+        scores = torch.empty(batch, kv_heads, groups * rows, length, dtype=torch.float32, device=query.device)
+        offset = 0
+        for s in segments:
+            scores[..., offset : offset + s.length] = s.scores(grouped)
+            offset += s.length
+        scores.mul_(scaling)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
         scores = scores.view(batch, kv_heads, groups, rows, length)
         if bias is not None:
-            scores = scores + bias[..., start:stop, :]
+            scores.add_(bias[..., start:stop, :])
         weights = torch.softmax(scores, dim=-1)
         if dropout:
             weights = torch.nn.functional.dropout(weights, p=dropout, training=True)

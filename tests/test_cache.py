@@ -1,0 +1,242 @@
+"""CompressedCache: window, sinks and blocks, bytes held, bit accounting, batch operations, KIVI-2 at 4096."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+import torch
+from pydantic import Field
+from transformers import DynamicCache
+
+import kvcompress
+from kvcompress import MethodSpec, QuantizerMethod, Registry, hookimpl
+from kvcompress.hf.cache import CompressedCache, CompressedLayer
+from kvcompress.runtime import Quantizer
+from kvcompress.state import PackedState, storage_nbytes
+from kvcompress.testing import held_tensors
+
+
+class BlockFloatSpec(MethodSpec):
+    """Test quantizer: float32 storage, but tokens are taken in blocks, like KIVI's per-channel keys."""
+
+    method: Literal["blockfloat"] = "blockfloat"
+    block: int = Field(4, ge=1, description="Tokens per encode block.")
+
+
+class BlockFloat(Quantizer):
+    def __init__(self, block: int):
+        self.token_block = block
+
+    def encode(self, x: torch.Tensor) -> PackedState:
+        assert x.shape[2] % self.token_block == 0
+        rows = x.shape[2] // self.token_block
+        packed = x.float().reshape(x.shape[0], x.shape[1], rows, self.token_block * x.shape[3]).contiguous()
+        return PackedState({"x": packed}, x.shape[2], x.shape[3], x.dtype)
+
+    def decode(self, state: PackedState) -> torch.Tensor:
+        x = state.tensors["x"]
+        return x.reshape(x.shape[0], x.shape[1], state.tokens, state.head_dim).to(state.dtype)
+
+    def bits_per_element(self, head_dim: int) -> float:
+        return 32.0
+
+
+class BlockFloatPlugin:
+    @hookimpl
+    def kvcompress_quantizers(self):
+        return [QuantizerMethod(name="blockfloat", spec=BlockFloatSpec, factory=lambda spec, ctx: BlockFloat(spec.block))]
+
+
+@pytest.fixture
+def block_registry() -> Registry:
+    registry = Registry(entry_points=False)
+    registry.register(BlockFloatPlugin(), "blockfloat-plugin")
+    return registry
+
+
+def kivi2_spec(window: int = 32, value_group: int = 32) -> dict:
+    return {
+        "name": "kivi-2",
+        "window": window,
+        "keys": {"quantizer": {"method": "scalar", "bits": 2, "axis": "channel", "group": 32}},
+        "values": {"quantizer": {"method": "scalar", "bits": 2, "axis": "token", "group": value_group}},
+    }
+
+
+def test_tokens_leave_the_window_in_whole_blocks(make_model, block_registry):
+    """sinks fill first; the tail keeps >= window tokens and compresses whole blocks; order is kept exactly."""
+    window, sinks, block = 3, 2, 4
+    spec = {
+        "name": "blocks",
+        "window": window,
+        "sinks": sinks,
+        "keys": {"quantizer": {"method": "blockfloat", "block": block}},
+        "values": {"quantizer": {"method": "float", "dtype": "float32"}},
+    }
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    cache = kvcompress.cache_for(model, spec, registry=block_registry)
+    reference = DynamicCache(config=model.config)
+    assert all(layer.codecs.token_block == block for layer in cache.layers)
+    with torch.no_grad():
+        for start, stop in [(0, 7)] + [(i, i + 1) for i in range(7, 30)]:
+            logits = model(ids[:, start:stop], past_key_values=cache).logits
+            expected = model(ids[:, start:stop], past_key_values=reference).logits
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+            for layer in cache.layers:
+                assert layer.sink_tokens == min(sinks, stop)
+                assert layer.compressed_tokens % block == 0
+                if layer.compressed_tokens:
+                    assert window <= layer.tail_tokens < window + block
+                assert layer.sink_tokens + layer.compressed_tokens + layer.tail_tokens == stop == layer.get_seq_length()
+    assert cache.get_seq_length() == 30
+    assert cache.compressed_tokens() == 2 * 24  # 30 - 2 sinks - 4 in the tail, per layer
+
+
+def test_reported_bytes_are_the_bytes_of_every_tensor_held(make_model):
+    """Walk every tensor reachable from the cache: their storages add up to nbytes()['total'], nothing twice."""
+    model = make_model("qwen3", dtype=torch.float16)
+    spec = kivi2_spec(window=8, value_group=16)
+    spec["sinks"] = 2
+    cache = kvcompress.cache_for(model, spec)
+    ids = torch.randint(0, 128, (2, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    held = cache.nbytes()
+    assert held["keys"] > 0 and held["values"] > 0 and held["window"] > 0
+    assert held["total"] == held["keys"] + held["values"] + held["window"] + held["constants"]
+    tensors = held_tensors(cache)
+    assert storage_nbytes(tensors) == held["total"]
+    # No tensor is a view into a larger buffer: each one's bytes are its whole storage.
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+    # The window is sinks + tail in fp16, both roles: 2 sinks and 8..8+31 tail tokens per layer.
+    for layer in cache.layers:
+        assert layer.sink_tokens == 2 and 8 <= layer.tail_tokens < 8 + 32
+    window_tokens = sum(layer.sink_tokens + layer.tail_tokens for layer in cache.layers)
+    assert held["window"] == window_tokens * 2 * 2 * 2 * 16 * 2  # tokens x batch x heads x head_dim x roles x fp16
+
+
+@pytest.mark.parametrize("dtype,bits", [("float16", 16.0), ("float32", 32.0)])
+def test_bits_per_element_of_float_storage(make_model, make_float_spec, dtype, bits):
+    model = make_model("llama")
+    cache = kvcompress.cache_for(model, make_float_spec(dtype, window=4))
+    assert cache.bits_per_element() is None  # nothing compressed yet
+    with torch.no_grad():
+        model(torch.randint(0, 128, (3, 20)), past_key_values=cache)
+    assert cache.compressed_tokens() == 2 * 16
+    assert cache.bits_per_element() == cache.key_bits() == cache.value_bits() == bits
+
+
+def test_kivi2_at_4096_tokens_holds_under_a_fifth_of_fp16(make_model):
+    """The issue's check: 4096 tokens, window 32; everything held (window, constants) counts."""
+    model = make_model("llama", dtype=torch.bfloat16, head_dim=32)
+    cache = kvcompress.cache_for(model, kivi2_spec(window=32))
+    ids = torch.randint(0, 128, (1, 4090), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=7, do_sample=False, past_key_values=cache)
+    # The cache holds every token but the last one generated: 4096.
+    assert out.shape[1] == 4097 and cache.get_seq_length() == 4096
+    summary = cache.summary()
+    assert summary["fp16_nbytes"] == 2 * 2 * 4096 * 2 * 32 * 2  # roles x layers x tokens x kv heads x head_dim x bytes
+    # Per layer: 4064 tokens packed at 3 bits, the newest 32 in bf16.
+    assert summary["compressed_tokens"] == 2 * 4064
+    assert summary["nbytes"]["total"] <= summary["fp16_nbytes"] / 5, summary
+    # KIVI-2 with groups of 32: 2-bit codes plus an fp16 scale and minimum per group = 3 bits per element.
+    assert summary["key_bits"] == summary["value_bits"] == 3.0
+    assert storage_nbytes(held_tensors(cache)) == summary["nbytes"]["total"]
+
+
+def test_batch_operations_follow_the_batch_dimension(make_model, make_float_spec):
+    model = make_model("mistral")
+    ids = torch.randint(0, 128, (3, 14), generator=torch.Generator().manual_seed(3))
+    cache = kvcompress.cache_for(model, make_float_spec(window=3, sinks=1))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer: CompressedLayer = cache.layers[0]
+    before = (layer.sink_keys.clone(), layer.key_state.tensors["x"].clone(), layer.tail_values.clone())
+
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(layer.sink_keys, before[0][[2, 0, 1]])
+    assert torch.equal(layer.key_state.tensors["x"], before[1][[2, 0, 1]])
+    cache.batch_select_indices(torch.tensor([1, 2]))  # rows 0 and 1 of the original
+    assert torch.equal(layer.tail_values, before[2][[0, 1]])
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.key_state.tensors["x"], before[1][[0, 0, 1, 1]])
+    assert cache.batch_size == 4
+    assert storage_nbytes(held_tensors(cache)) == cache.nbytes()["total"]
+
+
+def test_crop_inside_the_window_and_refusal_beyond_it(make_model, make_float_spec):
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    cache = kvcompress.cache_for(model, make_float_spec(window=4))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 9 and cache.layers[0].tail_tokens == 1
+    cache.crop(8)  # transformers < 5.18 form: the length to keep
+    assert cache.get_seq_length() == 8 and cache.layers[0].tail_tokens == 0
+    with pytest.raises(kvcompress.KVCompressError, match="window of at least 2"):
+        cache.crop(-2)
+    # After a crop, decoding continues from the right positions.
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :8], past_key_values=reference)
+        expected = model(ids[:, 8:10], past_key_values=reference).logits
+        logits = model(ids[:, 8:10], past_key_values=cache).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_reset_empties_the_cache(make_model, make_float_spec):
+    model = make_model("llama")
+    cache = kvcompress.cache_for(model, make_float_spec(window=2))
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 9)), past_key_values=cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.nbytes()["total"] == 0
+        model(torch.randint(0, 128, (1, 5)), past_key_values=cache)
+    assert cache.get_seq_length() == 5
+
+
+def test_per_layer_overrides_reach_the_layers(make_model, make_float_spec):
+    spec = make_float_spec(window=2)
+    spec["layers"] = {"1": {"window": 5, "sinks": 1, "values": {"quantizer": {"method": "float", "dtype": "float16"}}}}
+    model = make_model("llama")
+    cache = kvcompress.cache_for(model, spec)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 12)), past_key_values=cache)
+    first, second = cache.layers
+    assert (first.codecs.window, first.codecs.sinks, first.tail_tokens, first.compressed_tokens) == (2, 0, 2, 10)
+    assert (second.codecs.window, second.codecs.sinks, second.tail_tokens, second.compressed_tokens) == (5, 1, 5, 6)
+    assert first.value_state.tensors["x"].dtype == torch.float32
+    assert second.value_state.tensors["x"].dtype == torch.float16
+
+
+def test_cache_on_an_unpatched_model_fails_with_the_fix(make_model, make_float_spec):
+    patched, plain = make_model("llama"), make_model("llama")
+    cache = kvcompress.cache_for(patched, make_float_spec())
+    with pytest.raises(kvcompress.KVCompressError, match="kvcompress.cache_for"):
+        plain(torch.randint(0, 128, (1, 4)), past_key_values=cache)
+    built = CompressedCache(make_float_spec(), plain.config)
+    with pytest.raises(kvcompress.KVCompressError, match="kvcompress.patch"):
+        plain(torch.randint(0, 128, (1, 4)), past_key_values=built)
+
+
+def test_switching_attention_away_on_a_patched_model_is_caught(make_model, make_float_spec):
+    model = make_model("llama")
+    cache = kvcompress.cache_for(model, make_float_spec())
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(kvcompress.KVCompressError, match="attention was not kvcompress"):
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 4)), past_key_values=cache)
+
+
+def test_cache_built_for_another_shape_refuses_tokens(make_model, make_float_spec):
+    model = make_model("llama")
+    other = make_model("llama", head_dim=8)
+    cache = kvcompress.patch(model, make_float_spec()).cache()
+    foreign = CompressedCache(make_float_spec(), other.config)
+    with pytest.raises(kvcompress.KVCompressError, match="build the cache from this model's config"):
+        model(torch.randint(0, 128, (1, 4)), past_key_values=foreign)
+    assert cache.get_seq_length() == 0
