@@ -1,0 +1,198 @@
+"""Needle retrieval (`kvcompress eval --task needle`): can the model still find one fact in a long document
+whose keys and values sit in the compressed cache?
+
+A random 6-7 digit number is hidden as "The special magic number is N." at several depths of documents cut
+from the text to several lengths; the instruct model is asked for it through its chat template and answers
+greedily. An answer is correct when it contains the number (digit groups separated by commas or spaces
+count). The same trials (same numbers, same prompts) run for the baseline and every spec.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvcompress.errors import KVCompressError
+from kvcompress.evaluate import Runner, cache_figures, format_table, progress
+
+if TYPE_CHECKING:
+    import torch
+
+NEEDLE = "The special magic number is {number}."
+QUESTION = "What is the special magic number mentioned in the text?"
+# How far back from the chosen depth the needle may move to sit at a sentence end instead of mid-sentence.
+SNAP_CHARS = 400
+
+
+@dataclass(frozen=True)
+class NeedleSettings:
+    """The grid of trials: one per (length, depth)."""
+
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    max_new_tokens: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(n < 16 for n in self.lengths):
+            raise KVCompressError(f"--lengths must be document lengths of at least 16 tokens, got {list(self.lengths)}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise KVCompressError(f"--depths must be fractions between 0 and 1, got {list(self.depths)}")
+        if self.max_new_tokens < 1:
+            raise KVCompressError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+    @classmethod
+    def from_strings(cls, lengths: str, depths: str, max_new_tokens: int, seed: int) -> NeedleSettings:
+        """Settings from the comma-separated --lengths and --depths of the command line."""
+        try:
+            parsed_lengths = tuple(int(part) for part in lengths.split(","))
+        except ValueError:
+            raise KVCompressError(f"--lengths {lengths!r}: expected comma-separated integers such as 512,1024,2048") from None
+        try:
+            parsed_depths = tuple(float(part) for part in depths.split(","))
+        except ValueError:
+            raise KVCompressError(f"--depths {depths!r}: expected comma-separated fractions such as 0.1,0.5,0.9") from None
+        return cls(parsed_lengths, parsed_depths, max_new_tokens, seed)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One needle prompt: `length` document tokens with the needle at fraction `depth`, as chat input ids."""
+
+    length: int
+    depth: float
+    number: str
+    input_ids: "torch.Tensor" = field(repr=False)
+
+
+def insert_needle(document: str, position: int, sentence: str) -> str:
+    """`document` with `sentence` inserted at the last sentence end before `position` (or at `position` when
+    no sentence ends within SNAP_CHARS before it)."""
+    ends = [m.end() for m in re.finditer(r"[.!?:;]\s", document[max(0, position - SNAP_CHARS) : position])]
+    if ends:
+        position = max(0, position - SNAP_CHARS) + ends[-1]
+    before, after = document[:position].rstrip(), document[position:].lstrip()
+    return " ".join(part for part in (before, sentence, after) if part)
+
+
+def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSettings) -> list[Trial]:
+    """One trial per (length, depth), lengths outermost; numbers drawn from a generator seeded with settings.seed."""
+    import torch
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise KVCompressError(
+            "the needle task asks an instruct model through its chat template, and this model's tokenizer has none; "
+            "use an instruct model (the default smollm2 is one)"
+        )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    longest = max(settings.lengths)
+    if len(ids) < longest:
+        raise KVCompressError(
+            f"the text ({source}) has {len(ids)} tokens, fewer than the longest --lengths {longest}; pass a longer "
+            "--text FILE or shorter lengths"
+        )
+    rng = random.Random(settings.seed)
+    trials = []
+    for length in settings.lengths:
+        document = tokenizer.decode(ids[:length])
+        for depth in settings.depths:
+            number = str(rng.randint(100_000, 9_999_999))
+            position = len(tokenizer.decode(ids[: round(depth * length)]))
+            haystack = insert_needle(document, position, NEEDLE.format(number=number))
+            messages = [{"role": "user", "content": f"{haystack}\n\n{QUESTION}"}]
+            encoded = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            input_ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long).reshape(1, -1)
+            trials.append(Trial(length=length, depth=depth, number=number, input_ids=input_ids))
+    return trials
+
+
+def retrieved(reply: str, number: str) -> bool:
+    """Whether `reply` states `number` (digit groups joined by commas, spaces or thin spaces count as one)."""
+    joined = re.sub(r"(?<=\d)[,\s\u2009\u202f](?=\d)", "", reply)
+    return number in re.findall(r"\d+", joined)
+
+
+def answer(model: Any, tokenizer: Any, trial: Trial, cache: Any, max_new_tokens: int) -> str:
+    """The model's greedy reply to the trial's prompt, generated with `cache` as its KV cache."""
+    import torch
+    from transformers import GenerationConfig
+
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=trial.input_ids,
+            attention_mask=torch.ones_like(trial.input_ids),
+            past_key_values=cache,
+            generation_config=config,
+        )
+    return tokenizer.decode(output[0, trial.input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def evaluate_needle(
+    model: Any, tokenizer: Any, trials: list[Trial], runners: list[Runner], settings: NeedleSettings
+) -> list[dict[str, Any]]:
+    """One result row per runner: accuracy overall, per length and per depth, and every answer."""
+    rows = []
+    with progress(total=len(trials) * len(runners), desc="needle") as bar:
+        for runner in runners:
+            bar.set_postfix_str(runner.name)
+            answers = []
+            figures: dict[str, Any] = {}
+            started = time.perf_counter()
+            with runner.session(model) as new_cache:
+                for trial in trials:
+                    cache = new_cache()
+                    reply = answer(model, tokenizer, trial, cache, settings.max_new_tokens)
+                    answers.append({
+                        "length": trial.length,
+                        "depth": trial.depth,
+                        "prompt_tokens": trial.input_ids.shape[1],
+                        "number": trial.number,
+                        "reply": reply,
+                        "correct": retrieved(reply, trial.number),
+                    })
+                    if trial.length == max(settings.lengths):
+                        figures = cache_figures(model, cache)
+                    bar.update(1)
+            seconds = time.perf_counter() - started
+            rows.append({
+                "name": runner.name,
+                "source": runner.spec.source if runner.spec is not None else None,
+                # Bytes and bits of the cache of the longest document (prompt and answer).
+                **figures,
+                "accuracy": _accuracy(answers),
+                "correct": sum(a["correct"] for a in answers),
+                "trials": len(answers),
+                "by_length": {str(n): _accuracy([a for a in answers if a["length"] == n]) for n in settings.lengths},
+                "by_depth": {str(d): _accuracy([a for a in answers if a["depth"] == d]) for d in settings.depths},
+                "seconds": seconds,
+                "answers": answers,
+            })
+    return rows
+
+
+def _accuracy(answers: list[dict[str, Any]]) -> float:
+    return sum(a["correct"] for a in answers) / len(answers)
+
+
+def format_needle_table(rows: list[dict[str, Any]], settings: NeedleSettings) -> str:
+    columns = [
+        ("spec", "name", "{}"),
+        ("bits/elem", "bits_per_element", "{:.3f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        *[(f"@{n}", f"length {n}", "{:.3f}") for n in settings.lengths],
+        ("correct", "score", "{}"),
+        ("seconds", "seconds", "{:.1f}"),
+    ]
+    flat = [
+        {**row, **{f"length {n}": acc for n, acc in row["by_length"].items()}, "score": f"{row['correct']}/{row['trials']}"}
+        for row in rows
+    ]
+    return format_table(flat, columns)

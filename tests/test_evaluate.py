@@ -1,0 +1,356 @@
+"""`kvcompress eval`: the perplexity protocol, needle retrieval, the command; slow tests on SmolLM2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+import kvcompress  # noqa: E402
+from kvcompress import evaluate, needle  # noqa: E402
+from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
+from kvcompress.evaluate import BASELINE, Protocol, Runner, continuation_nll, evaluate_perplexity  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Stores tokens as float32 through the compressed cache's whole path: perplexity must equal the baseline's.
+FLOAT32_SPEC = {
+    "name": "float32",
+    "keys": {"quantizer": {"method": "float", "dtype": "float32"}},
+    "values": {"quantizer": {"method": "float", "dtype": "float32"}},
+}
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return evaluate.default_text()[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text):
+    """A small byte-level BPE trained on the default text, with a chat template (no model files needed)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def manual_dynamic_cache_nll(model, ids: torch.Tensor, context: int, continuation: int, chunk: int) -> tuple[float, int]:
+    """The protocol written out longhand: prefill, then chunks, each logit scored against the next token."""
+    cache = DynamicCache(config=model.config)
+    log_probs = []
+    with torch.inference_mode():
+        out = model(input_ids=ids[:, :context], past_key_values=cache, logits_to_keep=1)
+        log_probs.append(out.logits[0, -1:].float().log_softmax(-1)[0, ids[0, context]].reshape(1))
+        position = context
+        while position < context + continuation - 1:
+            stop = min(position + chunk, context + continuation - 1)
+            out = model(input_ids=ids[:, position:stop], past_key_values=cache)
+            lp = out.logits[0].float().log_softmax(-1)
+            log_probs.append(lp.gather(-1, ids[0, position + 1 : stop + 1, None])[:, 0])
+            position = stop
+    scores = torch.cat(log_probs)
+    return -scores.double().sum().item(), scores.numel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Protocol arithmetic
+
+
+def test_chunks_cover_the_continuation_but_its_last_token():
+    p = Protocol(context=10, continuation=8, chunk=3)
+    assert p.tokens == 18
+    assert p.chunks() == [(10, 13), (13, 16), (16, 17)]
+    assert Protocol(context=10, continuation=1, chunk=4).chunks() == []
+    assert Protocol(context=1024, continuation=256, chunk=16).chunks()[-1] == (1264, 1279)
+
+
+@pytest.mark.parametrize("field", ["context", "continuation", "chunk"])
+def test_protocol_rejects_non_positive_counts(field):
+    counts = {"context": 8, "continuation": 8, "chunk": 4, field: 0}
+    with pytest.raises(KVCompressError, match=f"--{field} must be at least 1"):
+        Protocol(**counts)
+
+
+def test_text_shorter_than_the_protocol_is_refused(tokenizer):
+    with pytest.raises(KVCompressError, match="fewer than --context 60 \\+ --continuation 40 = 100"):
+        evaluate.tokenize_text(tokenizer, "a short text", Protocol(60, 40, 8), "short.txt")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_nll_scores_exactly_the_continuation_and_matches_a_manual_dynamic_cache_loop(model, tokenizer, text, chunk):
+    protocol = Protocol(context=40, continuation=23, chunk=chunk)
+    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    steps = []
+    nll, scored = continuation_nll(model, ids, protocol, DynamicCache(config=model.config), step=lambda: steps.append(1))
+    assert scored == 23 and len(steps) == 1 + len(protocol.chunks())
+    manual, count = manual_dynamic_cache_nll(model, ids, 40, 23, chunk)
+    assert count == 23
+    assert nll == pytest.approx(manual, rel=1e-5)
+
+
+def test_chunked_nll_equals_one_full_forward_pass(model, tokenizer, text):
+    """With a full-precision cache, chunked decoding is only a different schedule of the same computation."""
+    protocol = Protocol(context=32, continuation=17, chunk=4)
+    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    nll, _ = continuation_nll(model, ids, protocol, DynamicCache(config=model.config))
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, 31:48].float()
+    full = F.cross_entropy(logits, ids[0, 32:49], reduction="sum").item()
+    assert nll == pytest.approx(full, rel=1e-5)
+
+
+def test_a_float32_spec_reproduces_the_baseline_and_restores_the_model(model, tokenizer, text):
+    protocol = Protocol(context=48, continuation=20, chunk=6)
+    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    spec = kvcompress.parse_spec(FLOAT32_SPEC)
+    attention_before = model.config._attn_implementation
+    rows = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("float32", spec)])
+    assert model.config._attn_implementation == attention_before
+    baseline, compressed = rows
+    assert baseline["name"] == BASELINE and compressed["name"] == "float32"
+    assert compressed["ppl"] == pytest.approx(baseline["ppl"], rel=1e-4)
+    assert compressed["baseline_ppl"] == baseline["ppl"]
+    assert compressed["delta_pct"] == pytest.approx(100 * (compressed["ppl"] / baseline["ppl"] - 1))
+    manual, _ = manual_dynamic_cache_nll(model, ids, 48, 20, 6)
+    assert baseline["ppl"] == pytest.approx(math.exp(manual / 20), rel=1e-6)
+    # 2 layers x 2 kv heads x 16 dims x 67 tokens held (the last token is only predicted), keys and values.
+    fp16 = 2 * 2 * 2 * 2 * 16 * 67
+    assert baseline["fp16_bytes"] == compressed["fp16_bytes"] == fp16
+    assert baseline["cache_bytes"] == 2 * fp16 and baseline["bits_per_element"] == 32
+    assert compressed["key_bits"] == compressed["value_bits"] == compressed["bits_per_element"] == 32
+    assert compressed["cache_bytes"] == 2 * fp16
+    assert all(row["tokens_scored"] == 20 and row["seconds"] > 0 for row in rows)
+
+
+def test_format_table_aligns_columns():
+    rows = [{"name": "baseline", "ppl": 21.3141, "bits": None}, {"name": "kivi-4-long", "ppl": 3.0, "bits": 5.0}]
+    table = evaluate.format_table(rows, [("spec", "name", "{}"), ("ppl", "ppl", "{:.2f}"), ("bits", "bits", "{:.1f}")])
+    lines = table.splitlines()
+    assert lines[0].split() == ["spec", "ppl", "bits"]
+    assert lines[1].split() == ["baseline", "21.31", "-"] and lines[2].split() == ["kivi-4-long", "3.00", "5.0"]
+    assert len({len(line) for line in lines}) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Needle
+
+
+def test_retrieved_accepts_the_number_in_any_grouping_and_nothing_else():
+    assert needle.retrieved("The special magic number is 4821937.", "4821937")
+    assert needle.retrieved("It is 4,821,937", "4821937") and needle.retrieved("4 821 937!", "4821937")
+    assert not needle.retrieved("48219370", "4821937") and not needle.retrieved("482193", "4821937")
+    assert not needle.retrieved("I don't know.", "4821937")
+
+
+def test_insert_needle_moves_to_a_sentence_end():
+    document = "First sentence here. Second one follows and goes on"
+    assert needle.insert_needle(document, 30, "NEEDLE.") == "First sentence here. NEEDLE. Second one follows and goes on"
+    assert needle.insert_needle("no stops at all", 3, "N.") == "no N. stops at all"
+    assert needle.insert_needle("abc", 0, "N.") == "N. abc"
+
+
+def test_needle_settings_parse_and_validate():
+    s = needle.NeedleSettings.from_strings("64,128", "0.25,0.75", 8, 3)
+    assert s.lengths == (64, 128) and s.depths == (0.25, 0.75)
+    with pytest.raises(KVCompressError, match="--depths"):
+        needle.NeedleSettings.from_strings("64", "0.5,1.5", 8, 0)
+    with pytest.raises(KVCompressError, match="--lengths"):
+        needle.NeedleSettings.from_strings("64,x", "0.5", 8, 0)
+
+
+def test_trials_hide_a_seeded_number_at_each_depth(tokenizer, text):
+    settings = needle.NeedleSettings((64, 256), (0.1, 0.5, 0.9), seed=7)
+    trials = needle.build_trials(tokenizer, text, "default", settings)
+    assert [(t.length, t.depth) for t in trials] == [(n, d) for n in (64, 256) for d in (0.1, 0.5, 0.9)]
+    again = needle.build_trials(tokenizer, text, "default", settings)
+    assert [t.number for t in trials] == [t.number for t in again]
+    for trial in trials:
+        assert 6 <= len(trial.number) <= 7
+        prompt = tokenizer.decode(trial.input_ids[0])
+        assert needle.NEEDLE.format(number=trial.number) in prompt and needle.QUESTION in prompt
+        assert prompt.endswith("<|im_start|>assistant\n")
+        # The document, the needle sentence and the chat frame: a little more than `length` tokens.
+        assert trial.length < trial.input_ids.shape[1] < trial.length + 80
+    positions = [tokenizer.decode(t.input_ids[0]).index(t.number) for t in trials[3:]]
+    assert positions == sorted(positions)
+
+
+def test_trials_refuse_a_text_shorter_than_the_longest_document(tokenizer):
+    with pytest.raises(KVCompressError, match="fewer than the longest --lengths 64"):
+        needle.build_trials(tokenizer, "too short", "x.txt", needle.NeedleSettings((64,), (0.5,)))
+
+
+def test_needle_rows_report_accuracy_for_the_same_trials(model, tokenizer, text):
+    settings = needle.NeedleSettings((48, 96), (0.5,), max_new_tokens=4)
+    trials = needle.build_trials(tokenizer, text, "default", settings)
+    spec = kvcompress.parse_spec(FLOAT32_SPEC)
+    rows = needle.evaluate_needle(model, tokenizer, trials, [Runner(BASELINE, None), Runner("float32", spec)], settings)
+    assert [r["name"] for r in rows] == [BASELINE, "float32"]
+    for row in rows:
+        assert row["trials"] == 2 and [a["number"] for a in row["answers"]] == [t.number for t in trials]
+        assert row["accuracy"] == row["correct"] / 2 and set(row["by_length"]) == {"48", "96"}
+        assert row["fp16_bytes"] > 0 and row["cache_bytes"] > 0
+    # float32 storage: the same greedy replies as the baseline.
+    assert [a["reply"] for a in rows[0]["answers"]] == [a["reply"] for a in rows[1]["answers"]]
+    assert "accuracy" in needle.format_needle_table(rows, settings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_eval_writes_the_table_and_json(model_dir, tmp_path, capsys):
+    spec = tmp_path / "f32.json"
+    spec.write_text(json.dumps(FLOAT32_SPEC))
+    out = tmp_path / "results.json"
+    args = parse([str(spec), "--model", str(model_dir), "--context", "40", "--continuation", "12", "--chunk", "5",
+                  "--json", str(out)])
+    assert evaluate.run(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:2] == ["spec", "bits/elem"] and "float32" in printed
+    written = json.loads(out.read_text())
+    header, rows = written["header"], written["results"]
+    assert header["protocol"] == {"context": 40, "continuation": 12, "chunk": 5}
+    assert header["versions"]["torch"] == torch.__version__ and header["machine"]["cpu_count"] >= 1
+    fields = {"name", "bits_per_element", "key_bits", "value_bits", "ppl", "baseline_ppl", "delta_pct",
+              "cache_bytes", "fp16_bytes", "seconds"}
+    assert all(fields <= set(row) for row in rows)
+    assert [r["name"] for r in rows] == [BASELINE, "float32"]
+
+
+def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "needle.json"
+    args = parse(["--task", "needle", "--model", str(model_dir), "--lengths", "32", "--depths", "0.5",
+                  "--max-new-tokens", "3", "--json", str(out)])
+    assert evaluate.run(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows[0]["name"] == BASELINE and rows[0]["trials"] == 1
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    # Whether or not kvcompress-rvq is installed here, blocking it makes "rvq" a method that is not installed.
+    monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-rvq")
+    kvcompress.set_registry(kvcompress.Registry(strict=True))
+    try:
+        spec = tmp_path / "rvq.yaml"
+        spec.write_text("name: m\nkeys:\n  quantizer: {method: rvq}\nvalues:\n  quantizer: {method: float}\n")
+        with pytest.raises(SpecError, match="keys.quantizer.method: .*pip install kvcompress-rvq"):
+            evaluate.run(parse([str(spec)]))
+    finally:
+        kvcompress.set_registry(None)
+
+
+def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    spec = tmp_path / "a.json"
+    spec.write_text(json.dumps({**FLOAT32_SPEC, "name": "baseline"}))
+    with pytest.raises(KVCompressError, match="also used by the baseline row"):
+        evaluate.run(parse([str(spec)]))
+    spec.write_text(json.dumps(FLOAT32_SPEC))
+    with pytest.raises(KVCompressError, match="--text .*cannot read"):
+        evaluate.run(parse([str(spec), "--text", str(tmp_path / "nope.txt")]))
+    with pytest.raises(KVCompressError, match="--json .*does not exist"):
+        evaluate.run(parse([str(spec), "--json", str(tmp_path / "no" / "out.json")]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SmolLM2 (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from kvcompress.hf.models import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.mark.slow
+def test_smollm2_baseline_equals_a_plain_dynamic_cache_run_and_kivi4_stays_close(smollm2, text):
+    model, tokenizer = smollm2
+    pytest.importorskip("kvcompress_scalar")
+    protocol = Protocol(context=1024, continuation=256, chunk=16)
+    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    kivi4 = kvcompress.load_spec("specs/kivi-4.yaml")
+    baseline, compressed = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("kivi-4", kivi4)])
+    manual, count = manual_dynamic_cache_nll(model, ids, 1024, 256, 16)
+    assert count == 256
+    assert baseline["ppl"] == pytest.approx(math.exp(manual / 256), rel=1e-3)
+    assert compressed["ppl"] <= 1.03 * baseline["ppl"]
+    assert compressed["bits_per_element"] <= 5.05
+    assert compressed["cache_bytes"] < compressed["fp16_bytes"]
+
+
+@pytest.mark.slow
+def test_smollm2_needle_runs_end_to_end(smollm2, text):
+    model, tokenizer = smollm2
+    pytest.importorskip("kvcompress_scalar")
+    settings = needle.NeedleSettings((256,), (0.5,), max_new_tokens=12)
+    trials = needle.build_trials(tokenizer, text, "default", settings)
+    runners = [Runner(BASELINE, None), Runner("kivi-4", kvcompress.load_spec("specs/kivi-4.yaml"))]
+    rows = needle.evaluate_needle(model, tokenizer, trials, runners, settings)
+    assert [r["trials"] for r in rows] == [1, 1]
+    assert all(r["answers"][0]["reply"] for r in rows)
+    assert rows[1]["bits_per_element"] is not None and rows[1]["bits_per_element"] <= 5.05
+
+
+@pytest.mark.slow
+def test_smollm2_generates_fluent_chat_text_from_a_compressed_cache(smollm2):
+    model, tokenizer = smollm2
+    pytest.importorskip("kvcompress_scalar")
+    # No full-precision window, so the prompt itself is read from packed keys and values.
+    spec = kvcompress.parse_spec({**kvcompress.load_spec("specs/kivi-4.yaml").model_dump(), "window": 0})
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with kvcompress.patch(model, spec) as patched:
+        cache = patched.cache()
+        with torch.inference_mode():
+            output = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert cache.compressed_tokens() > 0
+    assert "Paris" in reply, reply
