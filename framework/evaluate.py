@@ -119,7 +119,8 @@ def continuation_nll(
 
     if input_ids.shape != (1, protocol.tokens):
         raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    total = torch.zeros((), dtype=torch.float64)
+    input_ids = input_ids.to(model.device)
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
     scored = 0
     with torch.inference_mode():
         out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -220,6 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="needle: tokens generated for the answer")
     parser.add_argument("--seed", type=int, default=0, help="needle: seed of the hidden numbers")
+    parser.add_argument("--device", default="auto", help="torch device to run on (default: cuda when available, else cpu)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
 
 
@@ -239,10 +241,12 @@ def run(args: argparse.Namespace) -> int:
         task_settings = asdict(needle_settings)
     if args.json:
         _check_writable(Path(args.json))
+    device = resolve_device(args.device)
 
     from kvcompress.hf.models import load_model
 
     model, tokenizer = load_model(args.model)
+    model.to(device)
     runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
     header = run_header(args.model, model, source, args.task, task_settings)
     if args.task == "ppl":
@@ -260,6 +264,21 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"header": header, "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def resolve_device(name: str) -> "torch.device":
+    """--device: "auto" is cuda when torch sees a GPU, else cpu; anything else must be a device torch accepts."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KVCompressError(f"--device {name!r}: not a torch device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KVCompressError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    return device
 
 
 def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:

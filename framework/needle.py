@@ -125,14 +125,15 @@ def answer(model: Any, tokenizer: Any, trial: Trial, cache: Any, max_new_tokens:
     eos = model.generation_config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    input_ids = trial.input_ids.to(model.device)
     with torch.inference_mode():
         output = model.generate(
-            input_ids=trial.input_ids,
-            attention_mask=torch.ones_like(trial.input_ids),
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
             past_key_values=cache,
             generation_config=config,
         )
-    return tokenizer.decode(output[0, trial.input_ids.shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def evaluate_needle(

@@ -286,6 +286,27 @@ def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_pat
         kvcompress.set_registry(None)
 
 
+def test_cli_eval_names_the_package_of_a_missing_method(tmp_path, monkeypatch, capsys):
+    from kvcompress.cli import main
+
+    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-qjl")
+    spec = tmp_path / "qjl.yaml"
+    spec.write_text("name: q\nkeys:\n  quantizer: {method: qjl}\nvalues:\n  quantizer: {method: float}\n")
+    assert main(["eval", str(spec)]) == 2
+    assert "pip install kvcompress-qjl" in capsys.readouterr().err
+
+
+def test_device_choice():
+    assert evaluate.resolve_device("cpu") == torch.device("cpu")
+    assert evaluate.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(KVCompressError, match="not a torch device"):
+        evaluate.resolve_device("abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(KVCompressError, match="no CUDA device"):
+            evaluate.resolve_device("cuda")
+
+
 def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
     spec = tmp_path / "a.json"
