@@ -180,3 +180,16 @@ def test_unsupported_attention_arguments_are_refused(make_model):
     x = torch.randn(1, 4, 3, 16)
     with pytest.raises(kvcompress.KVCompressError, match="s_aux"):
         attention.kvcompress_attention(module, x, x[:, :2], x[:, :2], None, s_aux=torch.zeros(4))
+
+
+def test_beam_search_reorders_the_compressed_cache(make_model, make_float_spec):
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        reference = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, past_key_values=DynamicCache(config=model.config)
+        )
+        cache = kvcompress.cache_for(model, make_float_spec(window=2))
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, past_key_values=cache)
+    assert generated.tolist() == reference.tolist()

@@ -240,3 +240,46 @@ def test_cache_built_for_another_shape_refuses_tokens(make_model, make_float_spe
     with pytest.raises(kvcompress.KVCompressError, match="build the cache from this model's config"):
         model(torch.randint(0, 128, (1, 4)), past_key_values=foreign)
     assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_new_tokens_keeps_logits_exact_with_sinks_and_blocks(make_model, block_registry, exact):
+    """Float storage is exact either way: the column re-indexing of the exact mode loses nothing, whether the
+    new tokens sit in the sinks, the packed middle (prefill) or the tail."""
+    spec = {
+        "name": "blocks",
+        "window": 2,
+        "sinks": 3,
+        "keys": {"quantizer": {"method": "blockfloat", "block": 4}},
+        "values": {"quantizer": {"method": "float", "dtype": "float32"}},
+    }
+    model = make_model("gemma2")
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cache = kvcompress.cache_for(model, spec, registry=block_registry, exact_new_tokens=exact)
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for start, stop in [(0, 2), (2, 13), (13, 14), (14, 15), (15, 21), (21, 22)]:
+            logits = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache).logits
+            expected = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=reference).logits
+            torch.testing.assert_close(logits[mask[:, start:stop].bool()], expected[mask[:, start:stop].bool()], atol=1e-5, rtol=0)
+    assert cache.compressed_tokens() == 2 * 16
+
+
+def test_exact_new_tokens_reads_history_compressed_and_the_new_tokens_exactly(make_model):
+    """KIVI-2, window 0: a prefill equals the uncompressed model; the next step reads the packed prompt."""
+    model = make_model("llama", head_dim=32)
+    spec = kivi2_spec(window=0)
+    ids = torch.randint(0, 128, (1, 65), generator=torch.Generator().manual_seed(6))
+    reference = DynamicCache(config=model.config)
+    exact = kvcompress.cache_for(model, spec, exact_new_tokens=True)
+    held = kvcompress.cache_for(model, spec)
+    with torch.no_grad():
+        expected = model(ids[:, :64], past_key_values=reference).logits
+        torch.testing.assert_close(model(ids[:, :64], past_key_values=exact).logits, expected, atol=1e-5, rtol=0)
+        assert (model(ids[:, :64], past_key_values=held).logits - expected).abs().max() > 1e-3
+        assert exact.compressed_tokens() == held.compressed_tokens() == 2 * 64
+        step_expected = model(ids[:, 64:], past_key_values=reference).logits
+        step_exact = model(ids[:, 64:], past_key_values=exact).logits
+    assert (step_exact - step_expected).abs().max() > 1e-3  # the history is read from 2-bit state

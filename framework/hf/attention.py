@@ -81,6 +81,60 @@ def layer_segments(layer: Any) -> list[Segment]:
     return [s for s in segments if s.length]
 
 
+def exact_new_token_segments(
+    layer: Any, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> tuple[list[Segment], torch.Tensor]:
+    """Segments in which the tokens of the running forward (the newest key.shape[2] held) are read in full
+    precision from `key`/`value`, as the published methods do in prefill, and older ones from the layer.
+
+    Returns the segments and the mask re-indexed to their columns. A packed middle that already holds some
+    of the new tokens is read whole, with those columns masked out (packed rows cannot be split by token).
+    """
+    new, length = key.shape[2], layer.length
+    old = length - new
+    sinks, packed = layer.sink_tokens, layer.compressed_tokens
+    device = key.device
+    segments: list[Segment] = []
+    columns: list[torch.Tensor] = []  # the position of each score column
+    if min(sinks, old) > 0:
+        segments.append(DenseSegment(layer.sink_keys[:, :, :old], layer.sink_values[:, :, :old]))
+        columns.append(torch.arange(min(sinks, old), device=device))
+    if packed and sinks < old:
+        segments.append(PackedSegment(layer.codecs, layer.key_state, layer.value_state))
+        columns.append(torch.arange(sinks, sinks + packed, device=device))
+    if old > sinks + packed:
+        tail = old - sinks - packed
+        segments.append(DenseSegment(layer.tail_keys[:, :, :tail], layer.tail_values[:, :, :tail]))
+        columns.append(torch.arange(sinks + packed, old, device=device))
+    segments.append(DenseSegment(key, value))
+    fresh = torch.arange(old, length, device=device)
+    position = torch.cat(columns + [fresh])
+    # Columns of held copies of the new tokens (inside the packed middle) are hidden; the fresh ones are not.
+    hidden = torch.cat([c >= old for c in columns] + [torch.zeros_like(fresh, dtype=torch.bool)])
+    if mask is None:
+        mask = _causal_mask(new, length, device) if causal else torch.ones(1, 1, new, length, dtype=torch.bool, device=device)
+    _check_mask(mask, new, length)
+    mask = mask.index_select(-1, position)
+    if mask.dtype == torch.bool:
+        mask = mask & ~hidden
+    else:
+        mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+    return segments, mask
+
+
+def _check_mask(mask: torch.Tensor, q_len: int, length: int) -> None:
+    if mask.shape[-1] != length or mask.shape[-2] != q_len:
+        raise KVCompressError(
+            f"attention mask covers {mask.shape[-2]} queries x {mask.shape[-1]} keys, but the layer holds {length} "
+            f"tokens for {q_len} queries; pass the 2D attention_mask and let the model build the 4D one"
+        )
+
+
+def _causal_mask(q_len: int, length: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, q_len, length]: the queries are the newest q_len tokens, query i at position length - q_len + i."""
+    return torch.ones(q_len, length, dtype=torch.bool, device=device).tril(length - q_len)[None, None]
+
+
 def kvcompress_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """transformers' sdpa mask, never skipped: the attention below has no is_causal shortcut to fall back on."""
     kwargs["allow_is_causal_skip"] = False
@@ -119,7 +173,12 @@ def kvcompress_attention(
         if dropout:
             raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
         layer = cache.layers[module.layer_idx]
-        segments = layer_segments(layer)
+        if cache.exact_new_tokens:
+            segments, attention_mask = exact_new_token_segments(
+                layer, key, value, attention_mask, getattr(module, "is_causal", True)
+            )
+        else:
+            segments = layer_segments(layer)
         layer.attended = True
     output = attend(
         query,
@@ -199,13 +258,8 @@ def _mask_bias(
     if mask is None:
         if not causal:
             return None
-        # The queries are the newest q_len tokens: query i sits at position length - q_len + i.
-        mask = torch.ones(q_len, length, dtype=torch.bool, device=device).tril(length - q_len)[None, None]
-    if mask.shape[-1] != length or mask.shape[-2] != q_len:
-        raise KVCompressError(
-            f"attention mask covers {mask.shape[-2]} queries x {mask.shape[-1]} keys, but the layer holds {length} "
-            f"tokens for {q_len} queries; pass the 2D attention_mask and let the model build the 4D one"
-        )
+        mask = _causal_mask(q_len, length, device)
+    _check_mask(mask, q_len, length)
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         bias.masked_fill_(~mask, torch.finfo(torch.float32).min)

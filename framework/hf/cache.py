@@ -267,6 +267,11 @@ class CompressedLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """A transformers Cache built from a kvcompress spec and a model config: one CompressedLayer per layer.
 
+    exact_new_tokens: the tokens of each forward attend to one another in full precision (their keys and
+    values are at hand, as in the published methods' prefill); tokens of earlier forwards are read from
+    what the cache holds. Off (the default), attention reads only what the cache holds, so a prompt's
+    later tokens already see the compressed form of its earlier ones.
+
         cache = kvcompress.cache_for(model, spec)          # patches the model and builds this
         model.generate(**inputs, past_key_values=cache)
         cache.nbytes()    # {"keys": ..., "values": ..., "window": ..., "constants": ..., "total": ...}
@@ -278,8 +283,10 @@ class CompressedCache(Cache):
         config: Any,
         model_name: str | None = None,
         registry: Registry | None = None,
+        exact_new_tokens: bool = False,
     ):
         self.spec = resolve_spec(spec, registry)
+        self.exact_new_tokens = exact_new_tokens
         self.geometry = model_geometry(config)
         g = self.geometry
         codecs = build_codecs(self.spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)

@@ -103,13 +103,14 @@ class Patch:
         setattr(self.model, PATCH_ATTRIBUTE, self)
         self.active = True
 
-    def cache(self, spec: SpecLike | None = None) -> CompressedCache:
+    def cache(self, spec: SpecLike | None = None, exact_new_tokens: bool = False) -> CompressedCache:
         """A fresh CompressedCache for this model (from this patch's spec unless another is given)."""
         return CompressedCache(
             self.spec if spec is None else spec,
             self.model.config,
             model_name=getattr(self.model.config, "_name_or_path", None) or None,
             registry=self.registry,
+            exact_new_tokens=exact_new_tokens,
         )
 
     def restore(self) -> None:
@@ -162,9 +163,12 @@ def patch(model: torch.nn.Module, spec: SpecLike, registry: Registry | None = No
     return handle
 
 
-def cache_for(model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None) -> CompressedCache:
+def cache_for(
+    model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None, exact_new_tokens: bool = False
+) -> CompressedCache:
     """Patch `model` (if it is not already) and return a fresh CompressedCache built from `spec` for it.
 
     The model stays patched; use `with kvcompress.patch(model, spec):` for a scoped change.
+    exact_new_tokens: see CompressedCache.
     """
-    return patch(model, spec, registry).cache()
+    return patch(model, spec, registry).cache(exact_new_tokens=exact_new_tokens)
