@@ -1,0 +1,214 @@
+"""Residual vector quantization kernels: nearest-codeword search (encode) and lookup-table scores (attention).
+
+Nearest codeword: residuals [N, g] against one level's codebook [C, g] -> the index of the codeword at the
+smallest Euclidean distance, ties to the lowest index. Distances are ranked by ||c||^2 - 2 <r, c> (the
+residual's own norm does not change the ranking).
+
+Lookup-table scores: a key is stored as its fp16 scale and M = groups x depth codes (packed LSB-first at
+`bits` bits each, code m = group * depth + level). For each query, table[m, c] = <query part of group(m),
+codeword c of level(m)> is computed once; a key's score is scale * sum_m table[m, code_m]. No key is
+reconstructed.
+
+`*_torch` functions are the references (and the CPU path), `*_triton` the kernels; `nearest_codeword` and
+`lut_scores` dispatch on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.kernels._triton import HAS_TRITON, use_triton
+from kvcompress.kernels.bitpack import packed_length, unpack_bits_torch
+
+# Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
+SEARCH_CHUNK = 8192
+# Tokens scored at once by the torch lookup-table path.
+SCORE_CHUNK = 2048
+
+
+def _check_search(residuals: torch.Tensor, codebook: torch.Tensor) -> None:
+    if residuals.dim() != 2 or codebook.dim() != 2 or residuals.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"nearest codeword search needs residuals [N, g] and a codebook [C, g], got "
+            f"{tuple(residuals.shape)} and {tuple(codebook.shape)}"
+        )
+
+
+def nearest_codeword_torch(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index (int64 [N]) of the nearest codeword of codebook [C, g] to each residual [N, g]; float32 math."""
+    _check_search(residuals, codebook)
+    r = residuals.float()
+    c = codebook.float()
+    norms = c.square().sum(-1)
+    out = torch.empty(r.shape[0], dtype=torch.int64, device=r.device)
+    for start in range(0, r.shape[0], SEARCH_CHUNK):
+        scores = torch.addmm(norms, r[start : start + SEARCH_CHUNK], c.T, alpha=-2.0)
+        out[start : start + SEARCH_CHUNK] = scores.argmin(-1)  # first minimum: ties to the lowest index
+    return out
+
+
+def nearest_codeword(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Search with the Triton kernel on CUDA, the torch reference elsewhere."""
+    if use_triton(residuals, codebook):
+        return nearest_codeword_triton(residuals, codebook)
+    return nearest_codeword_torch(residuals, codebook)
+
+
+def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Codes int64 [N, depth] of vectors [N, g] through codebooks [depth, C, g]: level by level on the residual."""
+    residual = vectors.float().clone()
+    codes = torch.empty(vectors.shape[0], codebooks.shape[0], dtype=torch.int64, device=vectors.device)
+    for level in range(codebooks.shape[0]):
+        code = nearest_codeword(residual, codebooks[level])
+        codes[:, level] = code
+        residual -= codebooks[level].float()[code]
+    return codes
+
+
+def residual_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """float32 [..., g]: the sum over levels of the chosen codewords, codes [..., depth]."""
+    out = torch.zeros(*codes.shape[:-1], codebooks.shape[-1], dtype=torch.float32, device=codes.device)
+    for level in range(codebooks.shape[0]):
+        out += codebooks[level].float()[codes[..., level].long()]
+    return out
+
+
+def _check_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
+    if tables.dim() != 5:
+        raise ValueError(f"tables must be [batch, heads, queries, codes per token, codebook size], got {tuple(tables.shape)}")
+    b, h, _, m, size = tables.shape
+    if size > 2**bits:
+        raise ValueError(f"a codebook of {size} codewords needs more than {bits}-bit codes")
+    if codes.shape[:2] != (b, h) or codes.shape[-1] != packed_length(m, bits):
+        raise ValueError(
+            f"packed codes {tuple(codes.shape)} do not hold {m} codes of {bits} bits per token for "
+            f"batch {b} x heads {h}"
+        )
+    if scale.shape != codes.shape[:3]:
+        raise ValueError(f"scale {tuple(scale.shape)} must be [batch, heads, tokens] = {tuple(codes.shape[:3])}")
+
+
+def lut_scores_torch(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scores float32 [b, h, n, t] from tables [b, h, n, M, C], packed codes uint8 [b, h, t, bytes], scale [b, h, t]."""
+    _check_scores(tables, codes, scale, bits)
+    b, h, n, m, size = tables.shape
+    t = codes.shape[2]
+    flat = tables.float().reshape(b * h, n, m * size)
+    offsets = torch.arange(m, device=codes.device) * size
+    out = torch.empty(b, h, n, t, dtype=torch.float32, device=tables.device)
+    for start in range(0, t, SCORE_CHUNK):
+        chunk = codes[:, :, start : start + SCORE_CHUNK]
+        width = chunk.shape[2]
+        index = (unpack_bits_torch(chunk, bits, m).long() + offsets).reshape(b * h, 1, width * m)
+        picked = flat.gather(-1, index.expand(b * h, n, width * m)).reshape(b, h, n, width, m)
+        out[..., start : start + width] = picked.sum(-1) * scale[:, :, start : start + width].float().unsqueeze(2)
+    return out
+
+
+def lut_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lookup-table scores with the Triton kernel on CUDA, the torch reference elsewhere."""
+    if use_triton(tables, codes, scale):
+        return lut_scores_triton(tables, codes, scale, bits)
+    return lut_scores_torch(tables, codes, scale, bits)
+
+
+def _block(n: int, least: int = 16) -> int:
+    """A power of two covering n, at least `least` (16 is the smallest tl.dot operand)."""
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nearest_codeword_kernel(
+        residuals_ptr, codebook_ptr, norms_ptr, out_ptr, rows, size, width,
+        BN: tl.constexpr, BC: tl.constexpr, BG: tl.constexpr,
+    ):
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        offs_g = tl.arange(0, BG)
+        live_n = offs_n < rows
+        r = tl.load(
+            residuals_ptr + offs_n[:, None] * width + offs_g[None, :],
+            mask=live_n[:, None] & (offs_g[None, :] < width),
+            other=0.0,
+        )
+        best = tl.full([BN], float("inf"), tl.float32)
+        best_index = tl.zeros([BN], dtype=tl.int64)
+        for start in range(0, size, BC):
+            offs_c = start + tl.arange(0, BC)
+            live_c = offs_c < size
+            codewords_t = tl.load(
+                codebook_ptr + offs_c[None, :] * width + offs_g[:, None],
+                mask=live_c[None, :] & (offs_g[:, None] < width),
+                other=0.0,
+            )
+            norms = tl.load(norms_ptr + offs_c, mask=live_c, other=float("inf"))
+            scores = norms[None, :] - 2.0 * tl.dot(r, codewords_t, input_precision="ieee")
+            block_best = tl.min(scores, axis=1)
+            block_index = tl.argmin(scores, axis=1, tie_break_left=True).to(tl.int64) + start
+            # strictly smaller: on a tie the earlier block (lower index) keeps the place
+            better = block_best < best
+            best = tl.where(better, block_best, best)
+            best_index = tl.where(better, block_index, best_index)
+        tl.store(out_ptr + offs_n, best_index, mask=live_n)
+
+    @triton.jit
+    def _lut_scores_kernel(
+        tables_ptr, codes_ptr, scale_ptr, out_ptr, n, t, m, size, nbytes,
+        BITS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+        offs_m = tl.arange(0, BM)
+        live_t = offs_t < t
+        live = live_t[:, None] & (offs_m[None, :] < m)
+        # unpack the codes of this token block straight from the packed bytes: code m starts at bit m * BITS
+        # and spans at most three bytes (BITS <= 16)
+        bit = offs_m * BITS
+        rows = codes_ptr + (bh * t + offs_t[:, None]) * nbytes + (bit // 8)[None, :]
+        word = tl.zeros([BT, BM], dtype=tl.int32)
+        for k in tl.static_range(3):
+            in_row = live & (((bit // 8) + k) < nbytes)[None, :]
+            word |= tl.load(rows + k, mask=in_row, other=0).to(tl.int32) << (8 * k)
+        code = (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+        entry = offs_m[None, :] * size + code  # index into one query's flattened [M, C] table
+        scale = tl.load(scale_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
+        for q in range(n):
+            table = tables_ptr + (bh * n + q) * m * size
+            picked = tl.load(table + entry, mask=live, other=0.0)
+            tl.store(out_ptr + (bh * n + q) * t + offs_t, tl.sum(picked, axis=1) * scale, mask=live_t)
+
+
+def nearest_codeword_triton(
+    residuals: torch.Tensor, codebook: torch.Tensor, block_rows: int = 32, block_codes: int = 64
+) -> torch.Tensor:
+    """Triton version of nearest_codeword_torch (same indices where distances are computed alike)."""
+    _check_search(residuals, codebook)
+    r = residuals.float().contiguous()
+    c = codebook.float().contiguous()
+    norms = c.square().sum(-1).contiguous()
+    rows, width = r.shape
+    out = torch.empty(rows, dtype=torch.int64, device=r.device)
+    if rows:
+        _nearest_codeword_kernel[(triton.cdiv(rows, block_rows),)](
+            r, c, norms, out, rows, c.shape[0], width, BN=block_rows, BC=block_codes, BG=_block(width),
+        )
+    return out
+
+
+def lut_scores_triton(
+    tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, block_tokens: int = 64
+) -> torch.Tensor:
+    """Triton version of lut_scores_torch: float32 [b, h, n, t], reading the packed codes directly."""
+    _check_scores(tables, codes, scale, bits)
+    b, h, n, m, size = tables.shape
+    t, nbytes = codes.shape[2], codes.shape[3]
+    out = torch.empty(b, h, n, t, dtype=torch.float32, device=tables.device)
+    if b * h * n * t:
+        _lut_scores_kernel[(b * h, triton.cdiv(t, block_tokens))](
+            tables.float().contiguous(), codes.contiguous(), scale.contiguous(), out,
+            n, t, m, size, nbytes, BITS=bits, BT=block_tokens, BM=_block(m, 2),
+        )
+    return out

@@ -1,0 +1,1 @@
+"""kvcompress-rvq: residual vector quantization of the KV cache (Kumar, arXiv 2410.15704)."""

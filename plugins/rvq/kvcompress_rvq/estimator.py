@@ -1,0 +1,50 @@
+"""The rvq-lut estimator: attention read from rvq codes through per-query lookup tables.
+
+scores: for a query q, table[group j, level l, c] = <q restricted to group j, codeword c of level l>; a key's
+score is scale * sum over (j, l) of table[j, l, code]. The tables cost queries x groups x depth x C x group
+multiply-adds once; each key then costs groups x depth lookups, and no key is reconstructed.
+
+mix: sum_t w_t v_t = sum_(j, l) sum_c (sum of w_t * scale_t over tokens t whose code (j, l) is c) x codeword
+c: weights are accumulated per codeword, then one product with the codebooks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.kernels.rvq import lut_scores
+from kvcompress.runtime import Estimator, Quantizer
+from kvcompress.state import PackedState
+from kvcompress_rvq.quantizer import RVQQuantizer
+
+
+def _rvq(quantizer: object) -> RVQQuantizer:
+    if not isinstance(quantizer, RVQQuantizer):
+        raise TypeError(f"the rvq-lut estimator reads rvq state only, got a {type(quantizer).__name__}")
+    return quantizer
+
+
+class LUTEstimator(Estimator):
+    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+        rvq = _rvq(quantizer)
+        b, h, n, _ = query.shape
+        codebooks = rvq.codebooks_on(query.device)
+        query_groups = rvq.grouping.split(query.float())  # [b, h, n, groups, group]
+        tables = torch.einsum("bhnjg,lcg->bhnjlc", query_groups, codebooks)
+        tables = tables.reshape(b, h, n, rvq.codes_per_token, rvq.codebook_size)
+        return lut_scores(tables, state.tensors["codes"], state.tensors["scale"], rvq.bits).to(query.dtype)
+
+    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+        rvq = _rvq(quantizer)
+        b, h, n, t = weights.shape
+        m, size = rvq.codes_per_token, rvq.codebook_size
+        codes = rvq.unpacked_codes(state).reshape(b, h, t, m)
+        index = (codes + torch.arange(m, device=codes.device) * size).reshape(b, h, 1, t * m).expand(b, h, n, t * m)
+        weighted = weights.float() * state.tensors["scale"].float().unsqueeze(2)  # [b, h, n, t]
+        source = weighted.unsqueeze(-1).expand(b, h, n, t, m).reshape(b, h, n, t * m)
+        per_codeword = torch.zeros(b, h, n, m * size, dtype=torch.float32, device=weights.device)
+        per_codeword.scatter_add_(-1, index, source)
+        per_codeword = per_codeword.reshape(b, h, n, rvq.grouping.groups, rvq.depth, size)
+        groups = torch.einsum("bhnjlc,lcg->bhnjg", per_codeword, rvq.codebooks_on(weights.device))
+        return rvq.grouping.merge(groups).to(weights.dtype)
+

@@ -1,0 +1,146 @@
+"""kvcompress calibrate: keys/values collected from a model, codebooks learned per layer and role, written as
+safetensors that the spec's codebook stage reads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kvcompress import KVCompressError, load_spec
+from kvcompress.calibrate import calibrate, save
+from kvcompress.cli import main
+from kvcompress.pipeline import build_codecs
+
+pytest.importorskip("kvcompress_rvq", reason="calibration tests learn rvq codebooks (kvcompress-rvq)")
+
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config._name_or_path = "/somewhere/tiny-llama"
+    return model
+
+
+def token_ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def write_spec(directory: Path, depth: int = 2, sinks: int = 0) -> Path:
+    def role(layout: str) -> dict:
+        return {
+            "quantizer": {"method": "rvq", "depth": depth, "codebook_size": 16, "group": 8, "layout": layout},
+            "estimator": {"method": "rvq-lut"},
+            "codebook": {"method": "kmeans", "path": "books/tiny.safetensors", "samples": 400, "iterations": 3},
+        }
+
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "sinks": sinks, "keys": role("strided"), "values": role("contiguous")}))
+    return path
+
+
+def test_collect_reads_what_the_cache_stores_minus_skipped_sinks():
+    from transformers import DynamicCache
+
+    from kvcompress.hf.collect import collect_kv
+
+    model, ids = tiny_llama(), token_ids(128)
+    collected = collect_kv(model, ids, tokens=100, context=64, skip=4, progress=False)
+    assert len(collected) == LAYERS
+    keys, values = collected[1]
+    assert keys.shape == values.shape == (100, KV_HEADS, HEAD_DIM) and keys.dtype == torch.float32
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids[:64].unsqueeze(0), past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(keys[:60], cache.layers[1].keys[0, :, 4:].transpose(0, 1))
+    torch.testing.assert_close(values[60:100], _window_values(model, ids[64:128])[4:44])
+
+
+def _window_values(model, ids):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+    return cache.layers[1].values[0].transpose(0, 1)
+
+
+def test_calibrated_file_builds_the_spec_codecs(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    model = tiny_llama()
+    tensors, metadata = calibrate(spec, model, token_ids(512), tokens=300, context=128, progress=False)
+    assert sorted(tensors) == [f"layers.{i}.{r}.codewords" for i in range(LAYERS) for r in ("keys", "values")]
+    assert metadata["model"] == "/somewhere/tiny-llama" and metadata["num_layers"] == str(LAYERS)
+    entries = json.loads(metadata["entries"])
+    assert entries["1.values"]["quantizer"]["layout"] == "contiguous"
+    out = tmp_path / "books" / "tiny.safetensors"
+    save(out, tensors, metadata)
+    codecs = build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS, model="/elsewhere/tiny-llama")
+    x = torch.randn(1, KV_HEADS, 10, HEAD_DIM)
+    state = codecs[1].keys.encode(x)
+    assert state.nbytes() * 8 / x.numel() == (2 * 2 * 4 + 16) / HEAD_DIM
+    assert torch.isfinite(codecs[1].keys.decode(state)).all()
+    # the same file refuses another model, and a spec whose quantizer changed
+    with pytest.raises(KVCompressError, match="calibrated for model"):
+        build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS, model="/models/smollm2")
+    with pytest.raises(ValueError, match="learned for another rvq quantizer: depth 2 \\(spec: 3\\)"):
+        build_codecs(load_spec(write_spec(tmp_path, depth=3)), LAYERS, HEAD_DIM, KV_HEADS)
+
+
+def test_a_spec_without_learners_is_refused(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump({"name": "plain", "keys": {"quantizer": {"method": "float"}}, "values": {"quantizer": {"method": "float"}}}))
+    with pytest.raises(KVCompressError, match="no codebook stage with a learner"):
+        calibrate(load_spec(path), tiny_llama(), token_ids(256), tokens=64, context=64, progress=False)
+
+
+def test_too_little_text_names_the_fix(tmp_path):
+    with pytest.raises(KVCompressError, match="needs 5 windows of 64 tokens.*the text has 100"):
+        calibrate(load_spec(write_spec(tmp_path)), tiny_llama(), token_ids(100), tokens=300, context=64, progress=False)
+
+
+def test_cli_reports_a_bad_spec_before_loading_a_model(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "cannot read the spec file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibrate_the_default_model_and_error_falls_with_depth(tmp_path):
+    from kvcompress.calibrate import calibration_text
+    from kvcompress.hf.collect import collect_kv
+    from kvcompress.hf.models import load_model
+    from kvcompress.testing import relative_error
+    from kvcompress_rvq.quantizer import Grouping, RVQQuantizer
+
+    spec_path = tmp_path / "small.yaml"
+    role = {
+        "quantizer": {"method": "rvq", "depth": 4, "codebook_size": 64, "group": 32, "layout": "strided"},
+        "codebook": {"method": "kmeans", "path": "small.safetensors", "samples": 1536, "iterations": 3},
+    }
+    spec_path.write_text(yaml.safe_dump({"name": "small", "keys": role, "values": {**role, "estimator": {"method": "rvq-lut"}}}))
+    out = tmp_path / "small.safetensors"
+    assert main(["calibrate", str(spec_path), "--out", str(out), "--tokens", "512", "--context", "256", "--quiet"]) == 0
+    model, tokenizer = load_model()
+    codecs = build_codecs(load_spec(spec_path), 30, 64, 3, model=model.config._name_or_path)
+    # real keys from text the codebooks never saw: every level lowers the error
+    text, _ = calibration_text(None)
+    ids = tokenizer(text[-20000:], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    keys = collect_kv(model, ids, tokens=256, context=256, progress=False)[10][0]  # layer 10: [256, 3, 64]
+    x = keys.transpose(0, 1).unsqueeze(0)
+    codewords = codecs[10].keys.quantizer.codewords
+    errors = []
+    for depth in range(1, 5):
+        quantizer = RVQQuantizer(codewords[:depth].contiguous(), Grouping(64, 32, "strided"))
+        errors.append(relative_error(x, quantizer.decode(quantizer.encode(x))))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
