@@ -27,6 +27,8 @@ class BlockFloatSpec(MethodSpec):
 class BlockFloat(Quantizer):
     def __init__(self, block: int):
         self.token_block = block
+        # A constant it holds without listing it in constants(): the cache must count it anyway.
+        self.table = torch.zeros(8, dtype=torch.float32)
 
     def encode(self, x: torch.Tensor) -> PackedState:
         assert x.shape[2] % self.token_block == 0
@@ -92,6 +94,8 @@ def test_tokens_leave_the_window_in_whole_blocks(make_model, block_registry):
                 assert layer.sink_tokens + layer.compressed_tokens + layer.tail_tokens == stop == layer.get_seq_length()
     assert cache.get_seq_length() == 30
     assert cache.compressed_tokens() == 2 * 24  # 30 - 2 sinks - 4 in the tail, per layer
+    assert cache.nbytes()["constants"] == 2 * 32  # each layer's key quantizer table
+    assert storage_nbytes(held_tensors(cache)) == cache.nbytes()["total"]
 
 
 def test_reported_bytes_are_the_bytes_of_every_tensor_held(make_model):

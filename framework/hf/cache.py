@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -96,6 +97,27 @@ def model_geometry(config: Any) -> ModelGeometry:
             f"{', '.join(sorted(ATTENTION_LAYER_TYPES))} layers"
         )
     return ModelGeometry(num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def reachable_tensors(root: Any) -> list[torch.Tensor]:
+    """Every tensor reachable from `root` through object attributes, dicts, lists and tuples."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, (type, ModuleType)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return found
 
 
 def _owned(x: torch.Tensor) -> torch.Tensor:
@@ -303,14 +325,10 @@ class CompressedCache(Cache):
         return -1
 
     def constants_nbytes(self) -> int:
-        """Bytes of per-layer constants (sketches, codebooks, rotations); shared tensors count once."""
-        tensors = [
-            t
-            for layer in self.layers
-            for codec in (layer.codecs.keys, layer.codecs.values)
-            for t in codec.constants().values()
-        ]
-        return storage_nbytes(tensors)
+        """Bytes of per-layer constants (sketches, codebooks, rotations, lookup tables): every tensor the
+        layers' codecs hold, found by walking them rather than trusting each method's constants(), so the
+        figure is what is held. Shared tensors count once."""
+        return storage_nbytes(reachable_tensors([layer.codecs for layer in self.layers]))
 
     def nbytes(self) -> dict[str, int]:
         """Bytes actually held: packed keys, packed values, full-precision window (sinks + tail, both roles),
