@@ -46,10 +46,11 @@ def attention_modules(model: torch.nn.Module, geometry: ModelGeometry) -> list[t
 
 
 def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | None:
+    """The CompressedCache among an attention module's arguments (past_key_values in transformers 5)."""
     cache = kwargs.get("past_key_values")
     if isinstance(cache, CompressedCache):
         return cache
-    return next((a for a in args if isinstance(a, CompressedCache)), None)
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, CompressedCache)), None)
 
 
 def _before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
