@@ -7,9 +7,10 @@ For a layer holding [sinks | packed middle | tail] (position order), with querie
     output  = w_sinks @ sinks_v + values estimator mix(w_middle, packed values) + w_tail @ tail_v
 
 The estimators come from the spec (the core's "decode", or a plugin's), so methods that read their
-packed state directly plug in without this module knowing them. The mask is transformers' own, built by
-the mask function registered beside the attention (always materialized, covering every held token), so
-causal masking, left padding and sliding windows come from the model exactly as for sdpa.
+packed state directly plug in without this module knowing them. The mask is transformers' own sdpa mask,
+registered beside the attention and sized by the cache to every held token, so causal masking, left
+padding and sliding windows come from the model exactly as for sdpa; where transformers skips it (plain
+causal attention), the causal mask is built here one query chunk at a time.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def exact_new_token_segments(
     position = torch.cat(columns + [fresh])
     # Columns of held copies of the new tokens (inside the packed middle) are hidden; the fresh ones are not.
     hidden = torch.cat([c >= old for c in columns] + [torch.zeros_like(fresh, dtype=torch.bool)])
+    if len(position) == length:
+        # Every position once, in order: the model's mask (or its absence) applies as it is.
+        return segments, mask
     if mask is None:
         mask = _causal_mask(new, length, device) if causal else torch.ones(1, 1, new, length, dtype=torch.bool, device=device)
     _check_mask(mask, new, length)
@@ -133,13 +137,6 @@ def _check_mask(mask: torch.Tensor, q_len: int, length: int) -> None:
 def _causal_mask(q_len: int, length: int, device: torch.device) -> torch.Tensor:
     """[1, 1, q_len, length]: the queries are the newest q_len tokens, query i at position length - q_len + i."""
     return torch.ones(q_len, length, dtype=torch.bool, device=device).tril(length - q_len)[None, None]
-
-
-def kvcompress_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' sdpa mask, never skipped: the attention below has no is_causal shortcut to fall back on."""
-    kwargs["allow_is_causal_skip"] = False
-    kwargs["allow_is_bidirectional_skip"] = False
-    return sdpa_mask(*args, **kwargs)
 
 
 def kvcompress_attention(
@@ -211,7 +208,7 @@ def attend(
     batch, heads, q_len, dim = query.shape
     groups = heads // kv_heads
     length = sum(s.length for s in segments)
-    bias = _mask_bias(attention_mask, q_len, length, heads, kv_heads, causal, query.device)
+    mask = _grouped_mask(attention_mask, q_len, length, heads, kv_heads)
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, 4 * batch * heads * length))
     outputs = []
     for start in range(0, q_len, chunk):
@@ -228,8 +225,18 @@ def attend(
         if softcap is not None:
             scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
         scores = scores.view(batch, kv_heads, groups, rows, length)
-        if bias is not None:
-            scores.add_(bias[..., start:stop, :])
+        if mask is not None:
+            rows_mask = mask[..., start:stop, :]
+            if rows_mask.dtype == torch.bool:
+                scores.masked_fill_(~rows_mask, torch.finfo(torch.float32).min)
+            else:
+                scores.add_(rows_mask)
+        elif causal:
+            # No mask from the model means plain causal attention of the newest q_len tokens (what sdpa's
+            # is_causal does for the cases where transformers skips the mask), built one chunk at a time.
+            position = torch.arange(length - q_len + start, length - q_len + stop, device=query.device)
+            hidden = torch.arange(length, device=query.device)[None, :] > position[:, None]
+            scores.masked_fill_(hidden, torch.finfo(torch.float32).min)
         weights = torch.softmax(scores, dim=-1)
         if dropout:
             weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
@@ -245,32 +252,20 @@ def attend(
     return output.transpose(1, 2).contiguous()
 
 
-def _mask_bias(
-    mask: torch.Tensor | None,
-    q_len: int,
-    length: int,
-    heads: int,
-    kv_heads: int,
-    causal: bool,
-    device: torch.device,
+def _grouped_mask(
+    mask: torch.Tensor | None, q_len: int, length: int, heads: int, kv_heads: int
 ) -> torch.Tensor | None:
-    """An additive float32 bias shaped to broadcast over [b, kv_heads, groups, q, length], or None."""
+    """The model's 4D mask (boolean, or additive float) viewed to broadcast over [b, kv_heads, groups, q, length]."""
     if mask is None:
-        if not causal:
-            return None
-        mask = _causal_mask(q_len, length, device)
+        return None
     _check_mask(mask, q_len, length)
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        bias.masked_fill_(~mask, torch.finfo(torch.float32).min)
-    else:
-        bias = mask.float()
-    if bias.shape[1] == 1:
-        return bias[:, :, None]
-    if bias.shape[1] == heads:
-        return bias.view(bias.shape[0], kv_heads, heads // kv_heads, q_len, length)
-    raise KVCompressError(f"attention mask has {bias.shape[1]} heads; expected 1 or {heads}")
+    if mask.shape[1] == 1:
+        return mask[:, :, None]
+    if mask.shape[1] == heads:
+        return mask.view(mask.shape[0], kv_heads, heads // kv_heads, q_len, length)
+    raise KVCompressError(f"attention mask has {mask.shape[1]} heads; expected 1 or {heads}")
 
 
 AttentionInterface.register(NAME, kvcompress_attention)
-AttentionMaskInterface.register(NAME, kvcompress_mask)
+# The sdpa mask as it is: None (skipped) means what it means to sdpa, handled in attend().
+AttentionMaskInterface.register(NAME, sdpa_mask)
