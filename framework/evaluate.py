@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     model.to(device)
     runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
+    check_runners(model, runners)
     header = run_header(args.model, model, source, args.task, task_settings)
     if args.task == "ppl":
         input_ids = tokenize_text(tokenizer, text, protocol, source)
@@ -264,6 +265,15 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"header": header, "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def check_runners(model: Any, runners: list[Runner]) -> None:
+    """Build each runner's cache for this model once, so that what only the model reveals (layer overrides
+    beyond its depth, a codebook file not yet calibrated, an unsupported architecture) fails before any
+    measurement runs rather than after the baseline and the specs before it."""
+    for runner in runners:
+        with runner.session(model) as new_cache:
+            new_cache()
 
 
 def resolve_device(name: str) -> "torch.device":

@@ -297,6 +297,14 @@ def test_cli_eval_names_the_package_of_a_missing_method(tmp_path, monkeypatch, c
     assert "pip install kvcompress-qjl" in capsys.readouterr().err
 
 
+def test_a_spec_that_does_not_fit_the_model_fails_before_any_measurement(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_perplexity", lambda *a: pytest.fail("measurement started"))
+    spec = tmp_path / "deep.json"
+    spec.write_text(json.dumps({**FLOAT32_SPEC, "layers": {"5": {"window": 8}}}))
+    with pytest.raises(SpecError, match="selects layer 5, but the model has 2 layers"):
+        evaluate.run(parse([str(spec), "--model", str(model_dir)]))
+
+
 def test_device_choice():
     assert evaluate.resolve_device("cpu") == torch.device("cpu")
     assert evaluate.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
