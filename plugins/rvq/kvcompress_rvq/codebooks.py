@@ -93,7 +93,7 @@ def load(spec, ctx: LayerContext) -> RVQCodebooks:
         codewords = f.get_tensor(name)
     quantizer = entries[key].get("quantizer", {})
     fields = {name: quantizer.get(name) for name in CODEBOOK_FIELDS}
-    return RVQCodebooks(codewords=codewords.float(), fields=fields, source=str(path))
+    return RVQCodebooks(codewords=codewords, fields=fields, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def normalized_groups(x: torch.Tensor, grouping: Grouping) -> tuple[torch.Tensor
 
 @dataclass(frozen=True)
 class RVQCodebooks:
-    """One layer's and role's codebooks: codewords float32 [depth, codebook_size, group].
+    """One layer's and role's codebooks: codewords [depth, codebook_size, group] (fp16 as calibrated).
 
     fields: the quantizer fields they were learned for (None: unknown, only shapes are checked);
     source: where they came from, for error messages.
@@ -83,7 +83,7 @@ class RVQCodebooks:
 
 
 def check_codebooks(codebook: object, spec, ctx: LayerContext) -> torch.Tensor:
-    """The codewords float32 [depth, size, group] if `codebook` fits the quantizer spec; else a clear error."""
+    """The codewords [depth, size, group] if `codebook` fits the quantizer spec; else a clear error."""
     if codebook is None:
         raise ValueError(
             f"rvq quantizer (layer {ctx.layer} {ctx.role}) has no codebooks: add a codebook stage, e.g. "
@@ -110,14 +110,16 @@ def check_codebooks(codebook: object, spec, ctx: LayerContext) -> torch.Tensor:
         )
     if not torch.isfinite(codebook.codewords).all():
         raise ValueError(f"codebooks from {codebook.source} for layer {ctx.layer} {ctx.role} hold NaN or Inf")
-    return codebook.codewords.float().contiguous()
+    if not codebook.codewords.is_floating_point():
+        raise ValueError(f"codebooks from {codebook.source} for layer {ctx.layer} {ctx.role} are not floating point")
+    return codebook.codewords.contiguous()
 
 
 class RVQQuantizer(Quantizer):
     """Residual vector quantization of each token vector (see the module docstring for the state)."""
 
     def __init__(self, codewords: torch.Tensor, grouping: Grouping):
-        self.codewords = codewords  # float32 [depth, size, group]
+        self.codewords = codewords  # [depth, size, group], held in the dtype it came in (fp16 from a file)
         self.grouping = grouping
         self.depth, self.codebook_size, _ = codewords.shape
         self.bits = int(math.log2(self.codebook_size))
@@ -134,10 +136,10 @@ class RVQQuantizer(Quantizer):
         return cls(check_codebooks(ctx.codebook, spec, ctx), Grouping(ctx.head_dim, spec.group, spec.layout))
 
     def codebooks_on(self, device: torch.device) -> torch.Tensor:
-        """The codewords on `device` (copied once per device)."""
+        """The codewords on `device` in float32 (copied to another device once, widened on each call)."""
         if device not in self._on_device:
             self._on_device[device] = self.codewords.to(device)
-        return self._on_device[device]
+        return self._on_device[device].float()
 
     def encode(self, x: torch.Tensor) -> PackedState:
         b, h, t, d = x.shape

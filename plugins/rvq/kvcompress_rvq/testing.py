@@ -32,4 +32,4 @@ def learned(depth: int, size: int, group: int = 32, layout: str = "strided", hea
         samples = structured_vectors(4096, head_dim, seed=1)
     codewords = learn(spec, quantizer, samples, ctx)["codewords"]
     fields = {"depth": depth, "codebook_size": size, "group": group, "layout": layout}
-    return RVQCodebooks(codewords.float(), fields=fields, source="test codebooks")
+    return RVQCodebooks(codewords, fields=fields, source="test codebooks")
