@@ -278,7 +278,7 @@ def test_exact_new_tokens_reads_history_compressed_and_the_new_tokens_exactly(ma
     ids = torch.randint(0, 128, (1, 65), generator=torch.Generator().manual_seed(6))
     reference = DynamicCache(config=model.config)
     exact = kvcompress.cache_for(model, spec, exact_new_tokens=True)
-    held = kvcompress.cache_for(model, spec)
+    held = kvcompress.cache_for(model, spec, exact_new_tokens=False)
     with torch.no_grad():
         expected = model(ids[:, :64], past_key_values=reference).logits
         torch.testing.assert_close(model(ids[:, :64], past_key_values=exact).logits, expected, atol=1e-5, rtol=0)

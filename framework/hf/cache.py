@@ -291,8 +291,8 @@ class CompressedCache(Cache):
 
     exact_new_tokens: the tokens of each forward attend to one another in full precision (their keys and
     values are at hand, as in the published methods' prefill); tokens of earlier forwards are read from
-    what the cache holds. Off (the default), attention reads only what the cache holds, so a prompt's
-    later tokens already see the compressed form of its earlier ones.
+    what the cache holds. This is the default. Off, attention reads only what the cache holds, so a
+    prompt's later tokens already see the compressed form of its earlier ones.
 
         cache = kvcompress.cache_for(model, spec)          # patches the model and builds this
         model.generate(**inputs, past_key_values=cache)
@@ -305,7 +305,7 @@ class CompressedCache(Cache):
         config: Any,
         model_name: str | None = None,
         registry: Registry | None = None,
-        exact_new_tokens: bool = False,
+        exact_new_tokens: bool = True,
     ):
         self.spec = resolve_spec(spec, registry)
         self.exact_new_tokens = exact_new_tokens

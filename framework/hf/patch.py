@@ -104,7 +104,7 @@ class Patch:
         setattr(self.model, PATCH_ATTRIBUTE, self)
         self.active = True
 
-    def cache(self, spec: SpecLike | None = None, exact_new_tokens: bool = False) -> CompressedCache:
+    def cache(self, spec: SpecLike | None = None, exact_new_tokens: bool = True) -> CompressedCache:
         """A fresh CompressedCache for this model (from this patch's spec unless another is given)."""
         return CompressedCache(
             self.spec if spec is None else spec,
@@ -165,7 +165,7 @@ def patch(model: torch.nn.Module, spec: SpecLike, registry: Registry | None = No
 
 
 def cache_for(
-    model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None, exact_new_tokens: bool = False
+    model: torch.nn.Module, spec: SpecLike, registry: Registry | None = None, exact_new_tokens: bool = True
 ) -> CompressedCache:
     """Patch `model` (if it is not already) and return a fresh CompressedCache built from `spec` for it.
 
