@@ -247,17 +247,20 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     model.to(device)
-    runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
-    check_runners(model, runners)
-    header = run_header(args.model, model, source, args.task, task_settings)
+    # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.
     if args.task == "ppl":
         input_ids = tokenize_text(tokenizer, text, protocol, source)
-        rows = evaluate_perplexity(model, input_ids, protocol, runners)
-        print(format_perplexity_table(rows))
     else:
         from kvcompress.needle import build_trials, evaluate_needle, format_needle_table
 
         trials = build_trials(tokenizer, text, source, needle_settings)
+    runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
+    check_runners(model, runners)
+    header = run_header(args.model, model, source, args.task, task_settings)
+    if args.task == "ppl":
+        rows = evaluate_perplexity(model, input_ids, protocol, runners)
+        print(format_perplexity_table(rows))
+    else:
         rows = evaluate_needle(model, tokenizer, trials, runners, needle_settings)
         print(format_needle_table(rows, needle_settings))
     print(_footer(header))
