@@ -215,7 +215,7 @@ if HAS_TRITON:
             group_of = bh * groups + offs_t // group
             is_outlier = tl.zeros([BT, BD], dtype=tl.int1)
             for o in range(outliers):
-                channel = tl.load(outlier_index_ptr + group_of * outliers + o, mask=live_t, other=BD).to(tl.int32)
+                channel = tl.load(outlier_index_ptr + group_of * outliers + o, mask=live_t, other=0).to(tl.int32)
                 is_outlier = is_outlier | (offs_d[None, :] == channel[:, None])
             x_out = tl.where(is_outlier, x, 0.0)
             x = tl.where(is_outlier, 0.0, x)

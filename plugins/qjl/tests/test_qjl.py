@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from kvcompress import SpecError, parse_spec
 from kvcompress.pipeline import build_codecs
@@ -196,3 +198,30 @@ def test_head_dim_dependent_limits_are_checked_when_built():
     with pytest.raises(ValueError, match="set outliers: 0"):
         make_codec({"method": "qjl"}, head_dim=512)
     make_codec({"method": "qjl", "outliers": 0}, head_dim=512)
+
+
+SPECS = Path(__file__).resolve().parents[3] / "specs"
+
+
+@pytest.mark.parametrize(
+    "name, general, first_layers",
+    [
+        # m + 16 + m' + 16 + 8 outliers x 8 bits / 32 tokens, over head_dim 64
+        ("qjl.yaml", (128 + 16 + 128 + 16 + 2) / 64, (256 + 16 + 64 + 16 + 2) / 64),
+        ("qjl-lite.yaml", (128 + 16 + 32 + 16 + 2) / 64, (128 + 16 + 32 + 16 + 2) / 64),
+    ],
+)
+def test_shipped_specs_store_the_key_bits_their_fields_imply(name, general, first_layers):
+    """On SmolLM2's shape (30 layers, 3 KV heads, head_dim 64); values swapped for float so only the core is needed."""
+    path = SPECS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not here (plugin tested outside the kvcompress repository)")
+    data = yaml.safe_load(path.read_text())
+    data["values"] = {"quantizer": {"method": "float"}}
+    codecs = build_codecs(parse_spec(data), num_layers=30, head_dim=64, kv_heads=3)
+    x = torch.randn(1, 3, 64, 64)
+    for layer, expected in ((0, first_layers), (1, first_layers), (2, general), (29, general)):
+        keys = codecs[layer].keys
+        assert keys.quantizer.bits_per_element(64) == pytest.approx(expected)
+        assert keys.encode(x).nbytes() * 8 / x.numel() == pytest.approx(expected)
+        assert type(keys.estimator).__name__ == "QJLEstimator"
