@@ -239,7 +239,8 @@ class HadamardTransform(Transform):
     """x -> H (s * x) / sqrt(d): random signs s, then the normalized Walsh-Hadamard transform. Orthogonal.
 
     Applied as one matmul with the d x d matrix diag(s) H / sqrt(d) (row vectors; H is symmetric), which
-    is faster on GPUs than log2(d) butterfly passes at head_dim 64-256. Only the signs are constants.
+    is faster on GPUs than log2(d) butterfly passes at head_dim 64-256. The signs define it; the matrix
+    built from them is what is held, so both are reported as constants.
     """
 
     def __init__(self, head_dim: int, seed: int, layer: int):
@@ -265,4 +266,4 @@ class HadamardTransform(Transform):
         return (x.float() @ self._matrix(x.device).T).to(x.dtype)
 
     def constants(self) -> dict[str, torch.Tensor]:
-        return {"signs": self.signs}
+        return {"signs": self.signs, "matrix": self.matrix}

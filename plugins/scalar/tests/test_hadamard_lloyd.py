@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvcompress import get_registry
-from kvcompress.testing import make_codec
+from kvcompress.state import storage_nbytes
+from kvcompress.testing import held_tensors, make_codec
 from kvcompress_scalar.quantizers import LLOYD_MAX_LEVELS, HadamardTransform, hadamard_matrix, lloyd_max_gaussian
 
 
@@ -81,11 +82,13 @@ def test_hadamard_rejects_head_dims_that_are_not_powers_of_two():
         make_codec({"method": "float"}, head_dim=96, transform={"method": "hadamard"})
 
 
-def test_hadamard_codec_reports_its_signs_as_constants():
+def test_hadamard_codec_reports_what_it_holds_as_constants():
     codec = make_codec({"method": "float", "dtype": "float32"}, transform={"method": "hadamard", "seed": 2})
     x = torch.randn(1, 2, 4, 64)
     torch.testing.assert_close(codec.decode(codec.encode(x)), x, atol=1e-5, rtol=1e-5)
-    assert set(codec.constants()) == {"transform.signs"}
+    constants = codec.constants()
+    assert set(constants) == {"transform.signs", "transform.matrix"}
+    assert storage_nbytes(constants.values()) == storage_nbytes(held_tensors(codec.transform))
 
 
 # ---------------------------------------------------------------------------------------------------
