@@ -126,11 +126,11 @@ def test_calibrate_the_default_model_and_error_falls_with_depth(tmp_path):
     spec_path = tmp_path / "small.yaml"
     role = {
         "quantizer": {"method": "rvq", "depth": 4, "codebook_size": 64, "group": 32, "layout": "strided"},
-        "codebook": {"method": "kmeans", "path": "small.safetensors", "samples": 1536, "iterations": 3},
+        "codebook": {"method": "kmeans", "path": "small.safetensors", "samples": 768, "iterations": 3},
     }
     spec_path.write_text(yaml.safe_dump({"name": "small", "keys": role, "values": {**role, "estimator": {"method": "rvq-lut"}}}))
     out = tmp_path / "small.safetensors"
-    assert main(["calibrate", str(spec_path), "--out", str(out), "--tokens", "512", "--context", "256", "--quiet"]) == 0
+    assert main(["calibrate", str(spec_path), "--out", str(out), "--tokens", "256", "--context", "256", "--quiet"]) == 0
     model, tokenizer = load_model()
     codecs = build_codecs(load_spec(spec_path), 30, 64, 3, model=model.config._name_or_path)
     # real keys from text the codebooks never saw: every level lowers the error
