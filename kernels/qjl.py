@@ -118,26 +118,30 @@ def qjl_scores_torch(
     each query serves every key of its KV head: grouped-query attention costs nothing extra.
     """
     q = query.float()
-    m = sketch.shape[0]
-    sq = q @ sketch.T  # [b, h, n, m]
-    signs = unpack_signs(codes.signs, m)  # [b, h, t, m]
-    norm = codes.norm.float()
-    if outlier_index is None:
-        return scale / m * (sq @ signs.transpose(-1, -2)) * norm.unsqueeze(-2)
     b, h, n, d = q.shape
+    m = sketch.shape[0]
+    signs = unpack_signs(codes.signs, m)  # [b, h, t, m]
+    # <S q, sign(S k)> for every query and key: one sketch per query row
+    scores = scale / m * ((q @ sketch.T) @ signs.transpose(-1, -2)) * codes.norm.float().unsqueeze(-2)
+    if outlier_index is None:
+        return scores
     t = signs.shape[2]
     groups = t // group
     m_out = codes.outlier_signs.shape[-1] * 8
-    mask = group_channel_mask(outlier_index, d).float()  # [b, h, G, d]
-    sq_out = (q.unsqueeze(2) * mask.unsqueeze(3)) @ sketch.T  # [b, h, G, n, m]
-    sq_in = sq.unsqueeze(2) - sq_out
-    inner = sq_in @ signs.reshape(b, h, groups, group, m).transpose(-1, -2)  # [b, h, G, n, group]
-    outlier_signs = unpack_signs(codes.outlier_signs, m_out).reshape(b, h, groups, group, m_out)
-    inner_out = sq_out[..., :m_out] @ outlier_signs.transpose(-1, -2)
-    norm = norm.reshape(b, h, groups, 1, group)
+    index = outlier_index.long()  # [b, h, G, o]
+    o = index.shape[-1]
+    # The query on each group's outlier channels [b, h, G, n, o], and those channels' sketch columns [b, h, G, o, m]:
+    # S q_out involves only these, so <S q_in, s> = <S q, s> - <S q_out, s> costs o (not d) per row.
+    q_out = q.unsqueeze(2).expand(b, h, groups, n, d).gather(-1, index.unsqueeze(3).expand(b, h, groups, n, o))
+    columns = sketch.T[index]
+    group_signs = signs.reshape(b, h, groups, group, m).transpose(-1, -2)
+    correction = q_out @ (columns @ group_signs)  # <S q_out, sign(S k_in)>: [b, h, G, n, group]
+    outlier_signs = unpack_signs(codes.outlier_signs, m_out).reshape(b, h, groups, group, m_out).transpose(-1, -2)
+    inner_out = q_out @ (columns[..., :m_out] @ outlier_signs)  # <S' q_out, sign(S' k_out)>
+    norm = codes.norm.float().reshape(b, h, groups, 1, group)
     norm_out = codes.outlier_norm.float().reshape(b, h, groups, 1, group)
-    scores = scale / m * inner * norm + scale / m_out * inner_out * norm_out
-    return scores.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
+    parts = scale / m_out * inner_out * norm_out - scale / m * correction * norm
+    return scores + parts.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
 
 
 def qjl_quantize(
