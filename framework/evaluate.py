@@ -380,12 +380,23 @@ def run_header(model_name: str, model: Any, text_source: str, task: str, setting
         },
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": str(model.device),
         },
     }
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often just the arch)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _footer(header: dict[str, Any]) -> str:
@@ -394,7 +405,7 @@ def _footer(header: dict[str, Any]) -> str:
         f"model {header['model']} ({header['model_dtype']}), text {header['text']}, {header['task']} "
         f"{', '.join(f'{k}={val}' for k, val in header['protocol'].items())}; "
         f"torch {v['torch']}, transformers {v['transformers']}, kvcompress {v['kvcompress']}; "
-        f"{m['platform']}, {m['cpu_count']} CPUs, {m['device']}"
+        f"{m['platform']}, {m['processor']} x {m['cpu_count']}, {m['device']}"
     )
 
 
