@@ -206,9 +206,9 @@ SPECS = Path(__file__).resolve().parents[3] / "specs"
 @pytest.mark.parametrize(
     "name, general, first_layers",
     [
-        # m + 16 + m' + 16 + 8 outliers x 8 bits / 32 tokens, over head_dim 64
-        ("qjl.yaml", (128 + 16 + 128 + 16 + 2) / 64, (256 + 16 + 64 + 16 + 2) / 64),
-        ("qjl-lite.yaml", (128 + 16 + 32 + 16 + 2) / 64, (128 + 16 + 32 + 16 + 2) / 64),
+        # m + 16 + m' + 16 + outliers x 8 bits / 32 tokens, over head_dim 64
+        ("qjl.yaml", (128 + 16 + 128 + 16 + 8 * 8 / 32) / 64, (256 + 16 + 64 + 16 + 8 * 8 / 32) / 64),
+        ("qjl-lite.yaml", (128 + 16 + 64 + 16 + 4 * 8 / 32) / 64, (128 + 16 + 64 + 16 + 4 * 8 / 32) / 64),
     ],
 )
 def test_shipped_specs_store_the_key_bits_their_fields_imply(name, general, first_layers):
