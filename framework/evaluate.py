@@ -219,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=16, help="ppl: continuation tokens fed per forward pass (default 16)")
     parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens, comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="needle: tokens generated for the answer")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="needle: tokens generated for the answer (default 32: SmolLM2 spends one token per digit)")
     parser.add_argument("--seed", type=int, default=0, help="needle: seed of the hidden numbers")
     parser.add_argument("--device", default="auto", help="torch device to run on (default: cuda when available, else cpu)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")

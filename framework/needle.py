@@ -33,7 +33,7 @@ class NeedleSettings:
 
     lengths: tuple[int, ...]
     depths: tuple[float, ...]
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
