@@ -1,0 +1,21 @@
+"""Docs that are generated must match what generates them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcompress import get_registry
+from kvcompress.reference import render
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_spec_reference_is_current():
+    expected = render(get_registry())
+    actual = (ROOT / "docs" / "specs.md").read_text()
+    assert actual == expected, "docs/specs.md is stale: run `kvcompress schema --markdown --out docs/specs.md`"
+
+
+def test_readme_gives_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
