@@ -52,20 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def calibration_text(path: str | None) -> tuple[str, str]:
-    """(text, source): the --text file, or Python's pydoc topics."""
-    if path is None:
-        from pydoc_data.topics import topics
+    """(text, source): the --text file, or Python's pydoc topics (kept apart from eval's license text)."""
+    from kvcompress.evaluate import pydoc_text, read_text
 
-        return "\n\n".join(topics[name] for name in sorted(topics)), "pydoc_data.topics"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KVCompressError(f"--text {path}: cannot read it ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise KVCompressError(f"--text {path}: not UTF-8 text") from None
-    if not text.strip():
-        raise KVCompressError(f"--text {path}: the file is empty")
-    return text, path
+    return read_text(path, default=pydoc_text)
 
 
 def learn_plan(spec: CacheSpec, num_layers: int, registry: Registry) -> list[tuple[int, str, Any, Any, Any]]:

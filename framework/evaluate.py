@@ -38,19 +38,24 @@ BASELINE = "baseline"
 # Text
 
 
-def default_text() -> tuple[str, str]:
-    """(text, source): the GPL-3 license text where the system has it, else Python's pydoc topics."""
-    if DEFAULT_TEXT.is_file():
-        return DEFAULT_TEXT.read_text(encoding="utf-8"), str(DEFAULT_TEXT)
+def pydoc_text() -> tuple[str, str]:
+    """(text, source): Python's pydoc topics, long English prose present with every CPython."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name] for name in sorted(topics)), "pydoc_data.topics"
 
 
-def read_text(path: str | None) -> tuple[str, str]:
-    """(text, source) of --text FILE, or the default text when no file is given."""
+def default_text() -> tuple[str, str]:
+    """(text, source): the GPL-3 license text where the system has it, else Python's pydoc topics."""
+    if DEFAULT_TEXT.is_file():
+        return DEFAULT_TEXT.read_text(encoding="utf-8"), str(DEFAULT_TEXT)
+    return pydoc_text()
+
+
+def read_text(path: str | None, default: Callable[[], tuple[str, str]] = default_text) -> tuple[str, str]:
+    """(text, source) of --text FILE, or `default()` when no file is given."""
     if path is None:
-        return default_text()
+        return default()
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
