@@ -43,7 +43,7 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device: torch.device) -> list[dict]:
     spec = load_spec(path)
-    layer = build_codecs(spec, 1, args.head_dim, args.kv_heads)[0]
+    layer = build_codecs(spec, spec.min_layers(), args.head_dim, args.kv_heads)[0]
     rows = []
     for context in contexts:
         tokens = context - context % layer.token_block

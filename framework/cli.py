@@ -84,13 +84,11 @@ def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
     import torch
 
     from kvcompress.pipeline import build_codecs
-    from kvcompress.spec import parse_layer_selection
 
     specs = [load_spec(path, registry) for path in args.specs]  # all validated before any work
     results = []
     for spec in specs:
-        num_layers = 1 + max((i for key in spec.layers for i in parse_layer_selection(key)), default=0)
-        layer = build_codecs(spec, num_layers, args.head_dim, args.kv_heads, registry=registry)[0]
+        layer = build_codecs(spec, spec.min_layers(), args.head_dim, args.kv_heads, registry=registry)[0]
         tokens = layer.token_block * max(1, -(-args.tokens // layer.token_block))
         generator = torch.Generator().manual_seed(args.seed)
         row: dict[str, Any] = {"name": spec.name, "source": spec.source, "tokens": tokens}

@@ -117,6 +117,10 @@ class CacheSpec(_Strict):
                         pipelines[role] = _merge(pipelines[role], part)
         return LayerPlan(window=window, sinks=sinks, **pipelines)
 
+    def min_layers(self) -> int:
+        """The fewest layers a model needs for every override selection to exist (1 without overrides)."""
+        return 1 + max((i for key in self.layers for i in parse_layer_selection(key)), default=0)
+
     def check_layers(self, num_layers: int) -> None:
         """Fail when an override selects a layer the model does not have."""
         for key in self.layers:

@@ -160,6 +160,11 @@ def test_override_breaking_a_composition_is_rejected(registry):
     assert "layers.0.keys.estimator: 'sketch-scores' reads only sketch state" in _problems(data, registry)
 
 
+def test_min_layers_covers_every_selection(registry):
+    assert parse_spec(BASE, registry=registry).min_layers() == 1
+    assert parse_spec({**BASE, "layers": {"0-1": {"window": 1}, "7": {"window": 2}}}, registry=registry).min_layers() == 8
+
+
 def test_overlapping_layer_selections_are_rejected(registry):
     data = {**BASE, "layers": {"0-2": {"window": 1}, "2": {"window": 2}}}
     assert "layer 2 is selected by both '0-2' and '2'" in _problems(data, registry)
