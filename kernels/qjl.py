@@ -198,6 +198,22 @@ if HAS_TRITON:
         return packed
 
     @triton.jit
+    def _store_sketch(
+        x, sketch_ptr, rows, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d,
+        BT: tl.constexpr, BYTES: tl.constexpr,
+    ):
+        """Store the packed signs of x @ sketch[:rows].T and the fp16 norms of x's token rows."""
+        nbytes = rows // 8
+        offs_b = tl.arange(0, BYTES)
+        packed = _sign_bytes(x, sketch_ptr, rows, offs_d, d, BT, BYTES)
+        tl.store(
+            signs_ptr + (bh * t + offs_t[:, None]) * nbytes + offs_b[None, :],
+            packed.to(tl.uint8),
+            mask=live_t[:, None] & (offs_b[None, :] < nbytes),
+        )
+        tl.store(norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=live_t)
+
+    @triton.jit
     def _qjl_quantize_kernel(
         keys_ptr, outlier_index_ptr, sketch_ptr,
         signs_ptr, norm_ptr, outlier_signs_ptr, outlier_norm_ptr,
@@ -223,24 +239,11 @@ if HAS_TRITON:
                 is_outlier = is_outlier | (offs_d[None, :] == channel[:, None])
             x_out = tl.where(is_outlier, x, 0.0)
             x = tl.where(is_outlier, 0.0, x)
-            out_bytes = m_out // 8
-            offs_bo = tl.arange(0, BYTES_OUT)
-            packed_out = _sign_bytes(x_out, sketch_ptr, m_out, offs_d, d, BT, BYTES_OUT)
-            tl.store(
-                outlier_signs_ptr + (bh * t + offs_t[:, None]) * out_bytes + offs_bo[None, :],
-                packed_out.to(tl.uint8),
-                mask=live_t[:, None] & (offs_bo[None, :] < out_bytes),
+            _store_sketch(
+                x_out, sketch_ptr, m_out, outlier_signs_ptr, outlier_norm_ptr, bh, t, offs_t, live_t, offs_d, d,
+                BT, BYTES_OUT,
             )
-            tl.store(outlier_norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x_out * x_out, axis=1)).to(tl.float16), mask=live_t)
-        nbytes = m // 8
-        offs_b = tl.arange(0, BYTES)
-        packed = _sign_bytes(x, sketch_ptr, m, offs_d, d, BT, BYTES)
-        tl.store(
-            signs_ptr + (bh * t + offs_t[:, None]) * nbytes + offs_b[None, :],
-            packed.to(tl.uint8),
-            mask=live_t[:, None] & (offs_b[None, :] < nbytes),
-        )
-        tl.store(norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=live_t)
+        _store_sketch(x, sketch_ptr, m, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT, BYTES)
 
     @triton.jit
     def _unpacked_signs(packed_ptr, offs_t, live_t, rows, BR: tl.constexpr):
