@@ -30,7 +30,7 @@ from kvcompress.methods import LayerContext
 from kvcompress.pipeline import RoleCodec
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.spec import parse_spec
-from kvcompress.state import PackedState
+from kvcompress.state import PackedState, reachable_tensors
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Codebook = Callable[[LayerContext], Any] | dict | None
@@ -74,31 +74,6 @@ def make_codec(
 def _build(registry: Registry, stage: str, data: dict, ctx: LayerContext) -> Any:
     method = registry.get(stage, data["method"])
     return method.factory(method.spec.model_validate(data), ctx)
-
-
-def held_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor reachable from obj through attributes, dicts, lists and tuples."""
-    found: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
-
-    def walk(item: Any) -> None:
-        if id(item) in seen:
-            return
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            found[id(item)] = item
-        elif isinstance(item, dict):
-            for value in item.values():
-                walk(value)
-        elif isinstance(item, (list, tuple, set)):
-            for value in item:
-                walk(value)
-        elif hasattr(item, "__dict__"):
-            for value in vars(item).values():
-                walk(value)
-
-    walk(obj)
-    return list(found.values())
 
 
 def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -162,7 +137,7 @@ class QuantizerConformance:
         codec = self.codec()
         x = self.sample(self.tokens(codec))
         state = codec.encode(x)
-        tensors = held_tensors(state)
+        tensors = reachable_tensors(state)
         distinct = {t.untyped_storage().data_ptr(): t for t in tensors}
         assert state.nbytes() == sum(t.untyped_storage().nbytes() for t in distinct.values())
         for t in distinct.values():

@@ -13,8 +13,7 @@ import kvcompress
 from kvcompress import MethodSpec, QuantizerMethod, Registry, hookimpl
 from kvcompress.hf.cache import CompressedCache, CompressedLayer
 from kvcompress.runtime import Quantizer
-from kvcompress.state import PackedState, storage_nbytes
-from kvcompress.testing import held_tensors
+from kvcompress.state import PackedState, reachable_tensors, storage_nbytes
 
 
 class BlockFloatSpec(MethodSpec):
@@ -95,7 +94,7 @@ def test_tokens_leave_the_window_in_whole_blocks(make_model, block_registry):
     assert cache.get_seq_length() == 30
     assert cache.compressed_tokens() == 2 * 24  # 30 - 2 sinks - 4 in the tail, per layer
     assert cache.nbytes()["constants"] == 2 * 32  # each layer's key quantizer table
-    assert storage_nbytes(held_tensors(cache)) == cache.nbytes()["total"]
+    assert storage_nbytes(reachable_tensors(cache)) == cache.nbytes()["total"]
 
 
 def test_reported_bytes_are_the_bytes_of_every_tensor_held(make_model):
@@ -110,7 +109,7 @@ def test_reported_bytes_are_the_bytes_of_every_tensor_held(make_model):
     held = cache.nbytes()
     assert held["keys"] > 0 and held["values"] > 0 and held["window"] > 0
     assert held["total"] == held["keys"] + held["values"] + held["window"] + held["constants"]
-    tensors = held_tensors(cache)
+    tensors = reachable_tensors(cache)
     assert storage_nbytes(tensors) == held["total"]
     # No tensor is a view into a larger buffer: each one's bytes are its whole storage.
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
@@ -148,7 +147,7 @@ def test_kivi2_at_4096_tokens_holds_under_a_fifth_of_fp16(make_model):
     assert summary["nbytes"]["total"] <= summary["fp16_nbytes"] / 5, summary
     # KIVI-2 with groups of 32: 2-bit codes plus an fp16 scale and minimum per group = 3 bits per element.
     assert summary["key_bits"] == summary["value_bits"] == 3.0
-    assert storage_nbytes(held_tensors(cache)) == summary["nbytes"]["total"]
+    assert storage_nbytes(reachable_tensors(cache)) == summary["nbytes"]["total"]
 
 
 def test_batch_operations_follow_the_batch_dimension(make_model, make_float_spec):
@@ -168,7 +167,7 @@ def test_batch_operations_follow_the_batch_dimension(make_model, make_float_spec
     cache.batch_repeat_interleave(2)
     assert torch.equal(layer.key_state.tensors["x"], before[1][[0, 0, 1, 1]])
     assert cache.batch_size == 4
-    assert storage_nbytes(held_tensors(cache)) == cache.nbytes()["total"]
+    assert storage_nbytes(reachable_tensors(cache)) == cache.nbytes()["total"]
 
 
 def test_crop_inside_the_window_and_refusal_beyond_it(make_model, make_float_spec):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -25,7 +24,7 @@ from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.pipeline import LayerCodecs, build_codecs
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec, load_spec, parse_spec
-from kvcompress.state import PackedState, storage_nbytes
+from kvcompress.state import PackedState, reachable_tensors, storage_nbytes
 
 # Layer kinds whose cache is plain per-token keys and values. Sliding-window layers keep every token here
 # (their mask hides the old ones), so the cache stays one kind of layer.
@@ -97,27 +96,6 @@ def model_geometry(config: Any) -> ModelGeometry:
             f"{', '.join(sorted(ATTENTION_LAYER_TYPES))} layers"
         )
     return ModelGeometry(num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-
-
-def reachable_tensors(root: Any) -> list[torch.Tensor]:
-    """Every tensor reachable from `root` through object attributes, dicts, lists and tuples."""
-    found: list[torch.Tensor] = []
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        item = stack.pop()
-        if id(item) in seen or isinstance(item, (type, ModuleType)):
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__"):
-            stack.extend(vars(item).values())
-    return found
 
 
 def _owned(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvcompress import get_registry
-from kvcompress.state import storage_nbytes
-from kvcompress.testing import held_tensors, make_codec
+from kvcompress.state import reachable_tensors, storage_nbytes
+from kvcompress.testing import make_codec
 from kvcompress_scalar.quantizers import LLOYD_MAX_LEVELS, HadamardTransform, hadamard_matrix, lloyd_max_gaussian
 
 
@@ -88,7 +88,7 @@ def test_hadamard_codec_reports_what_it_holds_as_constants():
     torch.testing.assert_close(codec.decode(codec.encode(x)), x, atol=1e-5, rtol=1e-5)
     constants = codec.constants()
     assert set(constants) == {"transform.signs", "transform.matrix"}
-    assert storage_nbytes(constants.values()) == storage_nbytes(held_tensors(codec.transform))
+    assert storage_nbytes(constants.values()) == storage_nbytes(reachable_tensors(codec.transform))
 
 
 # ---------------------------------------------------------------------------------------------------
