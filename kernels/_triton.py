@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
