@@ -1,4 +1,5 @@
-"""Whether Triton kernels can run for a tensor: on CUDA, or anywhere under TRITON_INTERPRET=1."""
+"""Which path a kernel dispatcher takes: Triton for CUDA tensors, the torch reference elsewhere (tests call
+the Triton kernels directly, under TRITON_INTERPRET=1 without a GPU)."""
 
 from __future__ import annotations
 
