@@ -13,6 +13,7 @@ from kvcompress.methods import (
     CodebookMethod,
     EstimatorMethod,
     LayerContext,
+    PrunerMethod,
     QuantizerMethod,
     TransformMethod,
 )
@@ -25,7 +26,9 @@ __version__ = "0.1.0"
 # Names whose modules import torch (or transformers) load on first use, so that plugin modules, which
 # import kvcompress for the hook marker and descriptors, stay light.
 _LAZY = {
+    "ChannelPruner": "kvcompress.runtime",
     "Estimator": "kvcompress.runtime",
+    "Observation": "kvcompress.runtime",
     "Quantizer": "kvcompress.runtime",
     "Transform": "kvcompress.runtime",
     "PackedState": "kvcompress.state",
@@ -46,6 +49,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CacheSpec",
+    "ChannelPruner",
     "CodebookMethod",
     "CompressedCache",
     "Estimator",
@@ -53,9 +57,11 @@ __all__ = [
     "KVCompressError",
     "LayerContext",
     "MethodSpec",
+    "Observation",
     "PackedState",
     "Patch",
     "PluginError",
+    "PrunerMethod",
     "Quantizer",
     "QuantizerMethod",
     "Registry",

@@ -80,10 +80,14 @@ def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
-    """Encode and decode Gaussian keys/values with each spec's layer-0 codecs; print bits and error."""
+    """Encode and decode Gaussian keys/values with each spec's layer-0 codecs; print bits and error.
+
+    Pruners observe Gaussian queries (one query head per KV head) and the keys themselves as pre-RoPE keys.
+    """
     import torch
 
     from kvcompress.pipeline import build_codecs
+    from kvcompress.runtime import Observation
 
     specs = [load_spec(path, registry) for path in args.specs]  # all validated before any work
     results = []
@@ -95,7 +99,8 @@ def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
         for role in ROLES:
             codec = getattr(layer, role)
             x = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
-            state = codec.encode(x)
+            queries = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
+            state = codec.encode(x, Observation(queries=queries, pre_rope_keys=x))
             error = ((codec.decode(state) - x).norm() / x.norm()).item()
             row[f"{role[:-1]}_bits"] = state.nbytes() * 8 / x.numel()
             row[f"{role[:-1]}_rel_error"] = error

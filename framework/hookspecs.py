@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pluggy
 
-from kvcompress.methods import CodebookMethod, EstimatorMethod, QuantizerMethod, TransformMethod
+from kvcompress.methods import CodebookMethod, EstimatorMethod, PrunerMethod, QuantizerMethod, TransformMethod
 
 PROJECT = "kvcompress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -67,4 +67,17 @@ def kvcompress_transforms() -> list[TransformMethod]:
         @hookimpl
         def kvcompress_transforms():
             return [TransformMethod(name="hadamard", spec=HadamardSpec, factory=make_hadamard)]
+    """
+
+
+@hookspec
+def kvcompress_pruners() -> list[PrunerMethod]:
+    """Channel pruners: choose which channels a role stores, from what the model showed.
+
+    Example::
+
+        @hookimpl
+        def kvcompress_pruners():
+            return [PrunerMethod(name="think", spec=ThinKSpec, factory=make_think,
+                                 roles=frozenset({"keys"}), observes=frozenset({"queries"}))]
     """

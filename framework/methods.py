@@ -13,6 +13,8 @@ from kvcompress.spec_base import MethodSpec
 
 Role = Literal["keys", "values"]
 ROLES: tuple[Role, ...] = ("keys", "values")
+# What a pruner can ask the cache to capture: the fields of kvcompress.runtime.Observation.
+OBSERVABLES: tuple[str, ...] = ("queries", "pre_rope_keys")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,26 @@ class TransformMethod:
     roles: frozenset[str] = frozenset({"keys", "values"})
 
 
+@dataclass(frozen=True)
+class PrunerMethod:
+    """A channel pruner that runs before the other stages: factory(spec, ctx) -> kvcompress.runtime.ChannelPruner.
+
+    observes: what select() reads from the Observation (names in OBSERVABLES); the cache
+    captures those during the forward and compresses at its end. The later stages of the pipeline are built
+    for the kept channels: their LayerContext.head_dim is the pruner's `kept`.
+    """
+
+    name: str
+    spec: type[MethodSpec]
+    factory: Callable[[Any, LayerContext], Any]
+    description: str = ""
+    roles: frozenset[str] = frozenset({"keys", "values"})
+    observes: frozenset[str] = frozenset()
+
+
+# Pipeline stages in the order they run on the tokens to store.
 STAGES: dict[str, type] = {
+    "pruner": PrunerMethod,
     "transform": TransformMethod,
     "quantizer": QuantizerMethod,
     "estimator": EstimatorMethod,
@@ -112,6 +133,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "rvq": "kvcompress-rvq",
     "rvq-lut": "kvcompress-rvq",
     "kmeans": "kvcompress-rvq",
+    "think": "kvcompress-prune",
 }
 
 __all__ = [
@@ -119,6 +141,8 @@ __all__ = [
     "EstimatorMethod",
     "KNOWN_PROVIDERS",
     "LayerContext",
+    "OBSERVABLES",
+    "PrunerMethod",
     "QuantizerMethod",
     "ROLES",
     "Role",

@@ -3,32 +3,45 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from kvcompress.errors import KVCompressError
 from kvcompress.methods import ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
-from kvcompress.runtime import Estimator, Quantizer, Transform
+from kvcompress.runtime import ChannelPruner, Estimator, Observation, Quantizer, Transform
 from kvcompress.spec import CacheSpec, PipelineSpec
 from kvcompress.state import PackedState
+
+# The name under which a pruned state holds its channel selection (PackedState.shared).
+CHANNELS = "channels"
 
 
 @dataclass
 class RoleCodec:
-    """The stages of one role of one layer: transform -> quantizer, read back through the estimator."""
+    """The stages of one role of one layer: pruner -> transform -> quantizer, read back through the estimator.
+
+    observes: what the pruner reads from an Observation (empty without a pruner).
+    """
 
     name: str
     quantizer: Quantizer
     estimator: Estimator
     transform: Transform | None = None
+    pruner: ChannelPruner | None = None
+    observes: frozenset[str] = frozenset()
 
     @property
     def token_block(self) -> int:
         return self.quantizer.token_block
 
-    def encode(self, x: torch.Tensor) -> PackedState:
+    def encode(
+        self, x: torch.Tensor, observation: Observation | None = None, held: PackedState | None = None
+    ) -> PackedState:
+        """Pack x [batch, kv_heads, tokens, head_dim]. held: the state these tokens will be appended to,
+        whose channel selection a pruner keeps; without it the pruner selects from x and `observation`."""
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).sum().item()
             raise ValueError(
@@ -37,23 +50,58 @@ class RoleCodec:
             )
         if x.shape[2] % self.token_block:
             raise ValueError(f"{self.name}: encode needs a multiple of {self.token_block} tokens, got {x.shape[2]}")
+        channels = None
+        if self.pruner is not None:
+            channels = held.shared[CHANNELS] if held is not None else self._select(x, observation)
+            x = _gather_channels(x, channels)
         if self.transform is not None:
             x = self.transform.forward(x)
-        return self.quantizer.encode(x)
+        state = self.quantizer.encode(x)
+        if channels is not None:
+            state.shared = {**state.shared, CHANNELS: channels}
+        return state
+
+    def _select(self, x: torch.Tensor, observation: Observation | None) -> torch.Tensor:
+        """The pruner's channel choice, checked and stored in the smallest integer type that holds it."""
+        missing = [name for name in sorted(self.observes) if getattr(observation, name, None) is None]
+        if missing:
+            raise KVCompressError(
+                f"{self.name}: the pruner needs the {' and '.join(missing)} the model's attention saw, and none were "
+                "captured. Run the model patched by kvcompress (kvcompress.cache_for / kvcompress.patch)"
+            )
+        channels = self.pruner.select(x, observation or Observation())
+        expected = (x.shape[0], x.shape[1], self.pruner.kept)
+        if tuple(channels.shape) != expected or channels.min() < 0 or channels.max() >= x.shape[3]:
+            raise KVCompressError(
+                f"{self.name}: the pruner returned channel indices of shape {tuple(channels.shape)} in "
+                f"[{channels.min().item()}, {channels.max().item()}]; expected {expected} in [0, {x.shape[3]})"
+            )
+        return channels.to(torch.uint8 if x.shape[3] <= 256 else torch.int16)
 
     def decode(self, state: PackedState) -> torch.Tensor:
         x = self.quantizer.decode(state)
-        return self.transform.inverse(x) if self.transform is not None else x
+        x = self.transform.inverse(x) if self.transform is not None else x
+        return self._unprune(x, state)
 
     def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         """query grouped by KV head [batch, kv_heads, n, head_dim] -> [batch, kv_heads, n, tokens]."""
+        if self.pruner is not None:
+            query = _gather_channels(query, state.shared[CHANNELS])
         if self.transform is not None:
             query = self.transform.forward(query)
         return self.estimator.scores(query, state, self.quantizer)
 
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         out = self.estimator.mix(weights, state, self.quantizer)
-        return self.transform.inverse(out) if self.transform is not None else out
+        out = self.transform.inverse(out) if self.transform is not None else out
+        return self._unprune(out, state)
+
+    def _unprune(self, x: torch.Tensor, state: PackedState) -> torch.Tensor:
+        """Kept channels back in place among zeros: the pruned channels contribute nothing."""
+        if self.pruner is None:
+            return x
+        channels = state.shared[CHANNELS].long()[:, :, None, :].expand(-1, -1, x.shape[2], -1)
+        return x.new_zeros(*x.shape[:-1], self.pruner.head_dim).scatter_(-1, channels, x)
 
     def constants(self) -> dict[str, torch.Tensor]:
         found = dict(self.quantizer.constants())
@@ -77,22 +125,41 @@ class LayerCodecs:
         """Keys and values compress the same token range, so blocks are a multiple of both."""
         return math.lcm(self.keys.token_block, self.values.token_block)
 
+    @property
+    def observes(self) -> frozenset[str]:
+        """What the cache must capture for this layer's pruners (empty: nothing, compress on arrival)."""
+        return self.keys.observes | self.values.observes
+
+
+def _gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """x [batch, kv_heads, n, head_dim] restricted to channels [batch, kv_heads, kept]."""
+    return x.gather(-1, channels.long()[:, :, None, :].expand(-1, -1, x.shape[2], -1))
+
 
 def build_role_codec(
     pipeline: PipelineSpec, ctx: LayerContext, registry: Registry
 ) -> RoleCodec:
+    pruner, observes = None, frozenset()
+    if pipeline.pruner is not None:
+        method = registry.get("pruner", pipeline.pruner.method)
+        pruner, observes = method.factory(pipeline.pruner, ctx), method.observes
+        # The later stages see only the kept channels.
+        ctx = replace(ctx, head_dim=pruner.kept)
     codebook = None
     if pipeline.codebook is not None:
         codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
-        ctx = LayerContext(**{**ctx.__dict__, "codebook": codebook})
+        ctx = replace(ctx, codebook=codebook)
     quantizer = registry.get("quantizer", pipeline.quantizer.method).factory(pipeline.quantizer, ctx)
     estimator_spec = pipeline.estimator or registry.get("estimator", "decode").spec()
     estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, ctx)
     transform = None
     if pipeline.transform is not None:
         transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)
-    name = f"layer {ctx.layer} {ctx.role} ({pipeline.quantizer.method})"
-    return RoleCodec(name=name, quantizer=quantizer, estimator=estimator, transform=transform)
+    stages = "+".join(stage.method for stage in (pipeline.pruner, pipeline.quantizer) if stage is not None)
+    name = f"layer {ctx.layer} {ctx.role} ({stages})"
+    return RoleCodec(
+        name=name, quantizer=quantizer, estimator=estimator, transform=transform, pruner=pruner, observes=observes
+    )
 
 
 def build_codecs(

@@ -12,12 +12,13 @@ import pluggy
 
 from kvcompress import hookspecs
 from kvcompress.errors import PluginError, UnknownMethodError
-from kvcompress.methods import KNOWN_PROVIDERS, STAGES
+from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES
 
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
 CORE_PLUGIN = "kvcompress"
 _HOOKS = {
+    "pruner": "kvcompress_pruners",
     "quantizer": "kvcompress_quantizers",
     "estimator": "kvcompress_estimators",
     "codebook": "kvcompress_codebooks",
@@ -118,6 +119,12 @@ class Registry:
                             f"{stage} {method.name!r} is provided twice: by {other.distribution} (plugin "
                             f"{other.name!r}) and by {info.distribution} (plugin {info.name!r}). Uninstall one, "
                             f"or block one with {DISABLE_ENV}."
+                        )
+                    unknown = set(getattr(method, "observes", ())) - set(OBSERVABLES)
+                    if unknown:
+                        raise PluginError(
+                            f"plugin {info.name!r} ({info.distribution}): {stage} {method.name!r} observes "
+                            f"{', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}"
                         )
                     methods[stage][method.name] = Provided(method, info)
         self._methods = methods

@@ -73,7 +73,7 @@ def render(registry: Registry) -> str:
     out += _fields_table(PipelineSpec)
     out += ["", "## Layer overrides: `layers`", "", " ".join((LayerOverride.__doc__ or "").split()), ""]
     out += _fields_table(LayerOverride)
-    titles = {"transform": "Transforms", "quantizer": "Quantizers", "estimator": "Estimators", "codebook": "Codebooks"}
+    titles = {"pruner": "Pruners", "transform": "Transforms", "quantizer": "Quantizers", "estimator": "Estimators", "codebook": "Codebooks"}
     for stage in STAGES:
         provided = registry.provided(stage)
         out += ["", f"## {titles[stage]}"]
@@ -90,6 +90,8 @@ def render(registry: Registry) -> str:
                 notes.append(f"for quantizers: {', '.join(sorted(method.quantizers))}")
             if getattr(method, "needs_codebook", False):
                 notes.append("needs a codebook stage")
+            if getattr(method, "observes", None):
+                notes.append(f"observes the model's {' and '.join(sorted(method.observes))}")
             if notes:
                 out += ["", f"*{'; '.join(notes)}.*"]
             out += [""] + _fields_table(method.spec, skip=("method",))

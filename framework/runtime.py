@@ -3,11 +3,13 @@
 A quantizer turns float tensors [batch, kv_heads, tokens, head_dim] into a PackedState and back.
 An estimator computes attention scores and value mixes straight from a PackedState.
 A transform is an orthogonal map applied before quantization (queries get it too, so scores keep).
+A channel pruner picks which head_dim channels a role stores, from what the model showed (an Observation).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -70,3 +72,34 @@ class Transform(ABC):
 
     def constants(self) -> dict[str, torch.Tensor]:
         return {}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one layer's attention module saw in the forward after which its cache compresses tokens.
+
+    queries: [batch, query_heads, n, head_dim], the forward's n queries as attention received them (after
+    RoPE and any query norm), oldest first. pre_rope_keys: [batch, kv_heads, n, head_dim], the forward's new
+    keys before RoPE (after any key norm). A field is None unless a method of the layer observes it.
+    The tokens being stored may include older ones than the forward's n (they waited in the window).
+    """
+
+    queries: torch.Tensor | None = None
+    pre_rope_keys: torch.Tensor | None = None
+
+
+class ChannelPruner(ABC):
+    """Chooses, per sequence and KV head, which `kept` of the `head_dim` channels a role stores.
+
+    The choice is made once, from the first tokens the layer compresses and the observation of that
+    forward, and holds for every later token of the sequence. Queries are read through the same channels,
+    so the pruned ones drop out of the scores; what is not stored is not counted.
+    """
+
+    head_dim: int
+    kept: int
+
+    @abstractmethod
+    def select(self, x: torch.Tensor, observation: Observation) -> torch.Tensor:
+        """x: the first tokens to store [batch, kv_heads, tokens, head_dim] -> channel indices
+        [batch, kv_heads, kept], ascending, int64."""

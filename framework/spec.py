@@ -33,6 +33,11 @@ class _Strict(BaseModel):
 class PipelineSpec(_Strict):
     """How one role (keys or values) is compressed: the stages run in this order."""
 
+    pruner: SerializeAsAny[MethodSpec] | None = Field(
+        None,
+        description="Channel pruner: stores only the channels it selects (queries are read through the same ones); "
+        "the later stages work on the kept channels.",
+    )
     transform: SerializeAsAny[MethodSpec] | None = Field(
         None, description="Orthogonal transform applied before quantization (queries get it too)."
     )
@@ -48,6 +53,7 @@ class PipelineSpec(_Strict):
 class PipelineOverride(_Strict):
     """Stages to replace for some layers; stages left out keep the spec's top-level choice."""
 
+    pruner: SerializeAsAny[MethodSpec] | None = None
     transform: SerializeAsAny[MethodSpec] | None = None
     quantizer: SerializeAsAny[MethodSpec] | None = None
     estimator: SerializeAsAny[MethodSpec] | None = None
@@ -333,10 +339,10 @@ def check_composition(spec: CacheSpec, registry: Registry | None = None) -> list
                         f"{path}.codebook: {codebook.name!r} serves {', '.join(sorted(codebook.quantizers))}, "
                         f"not {quantizer.name!r}"
                     )
-            if pipeline.transform is not None:
-                transform = registry.get("transform", pipeline.transform.method)
-                if role not in transform.roles:
-                    problems.append(f"{path}.transform: {transform.name!r} does not serve {role}")
+            for stage in ("pruner", "transform"):
+                chosen = getattr(pipeline, stage)
+                if chosen is not None and role not in registry.get(stage, chosen.method).roles:
+                    problems.append(f"{path}.{stage}: {chosen.method!r} does not serve {role}")
     return sorted(set(problems), key=problems.index)
 
 

@@ -2,7 +2,9 @@
 
 Every tensor in a state has the layout [batch, kv_heads, rows, ...], where `rows` counts token rows
 (one per token, or one per group of tokens such as a KIVI key block). States of the same quantizer
-concatenate along dim 2, which is how a cache layer appends newly compressed blocks.
+concatenate along dim 2, which is how a cache layer appends newly compressed blocks. A state may also
+hold per-sequence tensors [batch, kv_heads, ...] that every row shares (a channel selection): those are
+held once, not concatenated.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class PackedState:
     tokens: how many tokens the state encodes.
     head_dim: the vector length the state decodes to.
     dtype: the floating dtype decode restores.
+    shared: name -> per-sequence tensor [batch, kv_heads, ...] that applies to every row (a pruner's channel
+    selection); concatenated states must share it.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -31,10 +35,11 @@ class PackedState:
     head_dim: int
     dtype: torch.dtype
     meta: dict[str, int] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Bytes actually held: the sum over distinct storages, so a view of a larger buffer counts whole."""
-        return storage_nbytes(self.tensors.values())
+        return storage_nbytes([*self.tensors.values(), *self.shared.values()])
 
     @property
     def batch(self) -> int:
@@ -48,12 +53,17 @@ class PackedState:
         """This state followed by `other` along the token axis."""
         if self.tensors.keys() != other.tensors.keys() or self.head_dim != other.head_dim:
             raise ValueError("cannot concatenate packed states of different quantizers")
+        if self.shared.keys() != other.shared.keys() or not all(
+            v is other.shared[k] or torch.equal(v, other.shared[k]) for k, v in self.shared.items()
+        ):
+            raise ValueError("cannot concatenate packed states whose shared per-sequence tensors differ")
         return PackedState(
             tensors={k: torch.cat([v, other.tensors[k]], dim=ROW_DIM) for k, v in self.tensors.items()},
             tokens=self.tokens + other.tokens,
             head_dim=self.head_dim,
             dtype=self.dtype,
             meta=dict(self.meta),
+            shared=dict(self.shared),
         )
 
     def map(self, fn) -> PackedState:
@@ -64,6 +74,7 @@ class PackedState:
             head_dim=self.head_dim,
             dtype=self.dtype,
             meta=dict(self.meta),
+            shared={k: fn(v) for k, v in self.shared.items()},
         )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -52,22 +53,30 @@ def make_codec(
     transform: dict | None = None,
     codebook: Codebook = None,
     registry: Registry | None = None,
+    pruner: dict | None = None,
 ) -> RoleCodec:
     """A RoleCodec built through the registry from stage dicts.
 
     codebook: a codebook stage dict, or a callable(ctx) -> codebook object (for tests that make their own).
+    pruner: a pruner stage dict; the other stages are then built for its kept channels.
     """
     registry = registry or get_registry()
     ctx = LayerContext(layer=layer, num_layers=num_layers, role=role, head_dim=head_dim, kv_heads=kv_heads)
+    pruning = None
+    if pruner is not None:
+        pruning = _build(registry, "pruner", pruner, ctx)
+        ctx = replace(ctx, head_dim=pruning.kept)
     if callable(codebook):
-        ctx = LayerContext(**{**ctx.__dict__, "codebook": codebook(ctx)})
+        ctx = replace(ctx, codebook=codebook(ctx))
     elif codebook is not None:
-        ctx = LayerContext(**{**ctx.__dict__, "codebook": _build(registry, "codebook", codebook, ctx)})
+        ctx = replace(ctx, codebook=_build(registry, "codebook", codebook, ctx))
     return RoleCodec(
         name=f"conformance {role} ({quantizer.get('method')})",
         quantizer=_build(registry, "quantizer", quantizer, ctx),
         estimator=_build(registry, "estimator", estimator or {"method": "decode"}, ctx),
         transform=_build(registry, "transform", transform, ctx) if transform else None,
+        pruner=pruning,
+        observes=registry.get("pruner", pruner["method"]).observes if pruner else frozenset(),
     )
 
 
@@ -233,3 +242,52 @@ class EstimatorConformance:
         state = estimated.encode(x)
         weights = torch.softmax(query @ x.transpose(-1, -2), dim=-1)
         torch.testing.assert_close(estimated.mix(weights, state), decoded.mix(weights, state), atol=self.atol, rtol=self.rtol)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny random models of the architectures kvcompress is tested on
+
+VOCAB = 128
+
+
+def _tiny_configs() -> dict[str, Callable[[], object]]:
+    import transformers as tf
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=8192,
+    )
+    return {
+        "llama": lambda: tf.LlamaConfig(**common),
+        # A sliding window shorter than the test sequences, so the mask's window is exercised.
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=6),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common),
+        "gemma": lambda: tf.GemmaConfig(**common),
+        # Alternating sliding/full layers and tanh softcapping of the attention logits.
+        "gemma2": lambda: tf.Gemma2Config(**common, sliding_window=6, attn_logit_softcapping=5.0, query_pre_attn_scalar=16),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, sliding_window=6, query_pre_attn_scalar=16),
+    }
+
+
+# The keys of _tiny_configs(), listed here so that importing this module does not import transformers.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A randomly initialized causal LM of architecture `arch` (2 layers, 4 query / 2 KV heads of size 16,
+    vocabulary VOCAB), in eval mode: seconds on a CPU, for tests of methods inside a model."""
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_configs()[arch]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

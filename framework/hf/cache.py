@@ -6,6 +6,8 @@ Each layer keeps, in position order:
     tail    the most recent tokens, full precision, at least `window` of them.
 Tokens move from the tail into the packed state in whole blocks (LayerCodecs.token_block) as soon as
 that leaves `window` tokens behind; once encoded, the float copy is dropped. Nothing is held twice.
+A layer whose pruners observe the model (LayerCodecs.observes) compresses at the end of the forward
+instead, when the patch hands it what the forward showed (kvcompress.runtime.Observation).
 
 update() only stores: attention reads the layer itself (kvcompress.hf.attention), so the cache must be
 used on a model patched by kvcompress.patch / kvcompress.cache_for.
@@ -23,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.pipeline import LayerCodecs, build_codecs
 from kvcompress.plugins import Registry
+from kvcompress.runtime import Observation
 from kvcompress.spec import CacheSpec, load_spec, parse_spec
 from kvcompress.state import PackedState, reachable_tensors, storage_nbytes
 
@@ -127,6 +130,8 @@ class CompressedLayer(CacheLayerMixin):
         # forward whose attention reads this layer (see kvcompress.hf.patch).
         self.armed = False
         self.attended = False
+        # What the running forward showed this layer (Observation fields), captured for its pruners.
+        self.observed: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (
@@ -180,18 +185,26 @@ class CompressedLayer(CacheLayerMixin):
         self.tail_keys = torch.cat([self.tail_keys, keys], dim=2)
         self.tail_values = torch.cat([self.tail_values, values], dim=2)
         self.length += key_states.shape[2]
-        self._compress_overflow()
+        if not self.codecs.observes:
+            self._compress_overflow()
         self.attended = False
         return key_states, value_states
 
-    def _compress_overflow(self) -> None:
+    def end_forward(self) -> None:
+        """The layer's attention module finished a forward: a layer whose pruners observe compresses now,
+        with what the forward showed it. Called by the patch's post-forward hook."""
+        observed, self.observed = self.observed, {}
+        if self.codecs.observes and self.is_initialized:
+            self._compress_overflow(Observation(**observed))
+
+    def _compress_overflow(self, observation: Observation | None = None) -> None:
         """Encode the oldest whole blocks of the tail that are not needed to keep `window` tokens."""
         block = self.codecs.token_block
         count = (self.tail_tokens - self.codecs.window) // block * block
         if count <= 0:
             return
-        new_keys = self.codecs.keys.encode(_owned(self.tail_keys[:, :, :count]))
-        new_values = self.codecs.values.encode(_owned(self.tail_values[:, :, :count]))
+        new_keys = self.codecs.keys.encode(_owned(self.tail_keys[:, :, :count]), observation, self.key_state)
+        new_values = self.codecs.values.encode(_owned(self.tail_values[:, :, :count]), observation, self.value_state)
         self.key_state = new_keys if self.key_state is None else self.key_state.cat(new_keys)
         self.value_state = new_values if self.value_state is None else self.value_state.cat(new_values)
         self.tail_keys = _owned(self.tail_keys[:, :, count:])
@@ -210,6 +223,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.sink_keys = self.sink_values = self.tail_keys = self.tail_values = None
         self.key_state = self.value_state = None
+        self.observed = {}
         self.length = 0
         self.is_initialized = False
 

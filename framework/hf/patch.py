@@ -7,10 +7,15 @@
 
     cache = kvcompress.cache_for(model, spec)          # patch (idempotent, stays on) + a fresh cache
 
-Patching sets the model's attention implementation to "kvcompress" (kvcompress.hf.attention) and puts a
-pre-forward hook on every attention module. The hook finds the CompressedCache among the module's
-arguments and records it on the module for the attention function; it also arms the layer, so that a
-cache updated by an unpatched model fails loudly instead of attending over the newest tokens only.
+Patching sets the model's attention implementation to "kvcompress" (kvcompress.hf.attention) and puts
+forward hooks on every attention module. The pre-forward hook finds the CompressedCache among the
+module's arguments and records it on the module for the attention function; it also arms the layer, so
+that a cache updated by an unpatched model fails loudly instead of attending over the newest tokens only.
+
+The hooks also capture what pruners observe (kvcompress.runtime.Observation), only for layers whose spec
+asks: the queries as attention receives them (after RoPE) are taken by the attention function, the keys
+before RoPE by a forward hook on the module's k_proj (then its k_norm, where the model has one). The
+post-forward hook then hands the layer its observation, and the layer compresses.
 """
 
 from __future__ import annotations
@@ -70,12 +75,65 @@ def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict, output:
         return
     layer = cache.layers[module.layer_idx]
     layer.armed = False
-    if output is not None and not layer.attended:
+    if output is None:  # the forward raised; what it captured is of no use
+        layer.observed = {}
+        return
+    if not layer.attended:
         raise KVCompressError(
             f"layer {module.layer_idx} stored tokens in the CompressedCache but its attention was not kvcompress's "
             f"(the model's attention implementation is {module.config._attn_implementation!r}); do not change the "
             "attention implementation of a patched model"
         )
+    layer.end_forward()
+
+
+def key_projection(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The attention module's key projection (k_proj), whose output the pre-RoPE key capture reads; None
+    for fused projections."""
+    found = getattr(module, "k_proj", None)
+    return found if isinstance(found, torch.nn.Module) else None
+
+
+def pre_rope_keys(attention_module: torch.nn.Module, projected: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Keys before RoPE [batch, kv_heads, tokens, head_dim] from the key projection's output [batch, tokens,
+    kv_heads * head_dim], with the module's k_norm applied as the model applies it: per head (Qwen3, Gemma3;
+    the norm acts on the last dim, so the models' different transposes do not matter) or over all heads."""
+    batch, tokens = projected.shape[:2]
+    norm = getattr(attention_module, "k_norm", None)
+    if isinstance(norm, torch.nn.Module):
+        weight = getattr(norm, "weight", None)
+        if weight is not None and weight.numel() == projected.shape[-1] != head_dim:
+            projected, norm = norm(projected), None
+    keys = projected.view(batch, tokens, -1, head_dim)
+    if isinstance(norm, torch.nn.Module):
+        keys = norm(keys)
+    return keys.transpose(1, 2)
+
+
+def _pre_rope_key_capture(attention_module: torch.nn.Module):
+    """A forward hook for the key projection of `attention_module` that records the keys before RoPE on the
+    running cache's layer when the layer observes them."""
+
+    def capture(projection: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        cache = getattr(attention_module, attention.CACHE_ATTRIBUTE, None)
+        if cache is None:
+            return
+        layer = cache.layers[attention_module.layer_idx]
+        if "pre_rope_keys" in layer.codecs.observes:
+            layer.observed["pre_rope_keys"] = pre_rope_keys(attention_module, output, layer.head_dim)
+
+    return capture
+
+
+def check_capture(model: torch.nn.Module, geometry: ModelGeometry, cache: CompressedCache) -> None:
+    """Fail when the cache's spec observes something this model's attention modules cannot show."""
+    for module, layer in zip(attention_modules(model, geometry), cache.layers):
+        if "pre_rope_keys" in layer.codecs.observes and key_projection(module) is None:
+            raise UnsupportedModelError(
+                f"layer {module.layer_idx}: the spec's pruner observes the keys before RoPE, but "
+                f"{type(module).__name__} has no k_proj submodule to capture them from (fused projections are not "
+                "supported); use a pruner that does not observe pre_rope_keys"
+            )
 
 
 class Patch:
@@ -101,18 +159,23 @@ class Patch:
         for module in modules:
             self.hooks.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
             self.hooks.append(module.register_forward_hook(_after_attention, with_kwargs=True, always_call=True))
+            projection = key_projection(module)
+            if projection is not None:
+                self.hooks.append(projection.register_forward_hook(_pre_rope_key_capture(module)))
         setattr(self.model, PATCH_ATTRIBUTE, self)
         self.active = True
 
     def cache(self, spec: SpecLike | None = None, exact_new_tokens: bool = True) -> CompressedCache:
         """A fresh CompressedCache for this model (from this patch's spec unless another is given)."""
-        return CompressedCache(
+        cache = CompressedCache(
             self.spec if spec is None else spec,
             self.model.config,
             model_name=getattr(self.model.config, "_name_or_path", None) or None,
             registry=self.registry,
             exact_new_tokens=exact_new_tokens,
         )
+        check_capture(self.model, self.geometry, cache)
+        return cache
 
     def restore(self) -> None:
         """Put back the attention implementation the model had and remove the hooks."""
