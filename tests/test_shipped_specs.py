@@ -9,6 +9,7 @@ import torch
 
 from kvcompress import load_spec
 from kvcompress.pipeline import build_codecs
+from kvcompress.runtime import Observation
 
 SPECS = sorted((Path(__file__).parent.parent / "specs").glob("*.yaml"))
 # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
@@ -39,3 +40,14 @@ def test_kivi2_stores_three_bits_per_element():
 def test_kivi4_stores_five_bits_per_element():
     path = Path(__file__).parent.parent / "specs" / "kivi-4.yaml"
     assert _bits(path, "keys") == pytest.approx(5.0) and _bits(path, "values") == pytest.approx(5.0)
+
+
+def test_think_kivi4_stores_three_quarters_of_the_key_channels():
+    path = Path(__file__).parent.parent / "specs" / "think-kivi-4.yaml"
+    codecs = build_codecs(load_spec(path), LAYERS, HEAD_DIM, KV_HEADS)[0]
+    x = torch.randn(1, KV_HEADS, 4 * codecs.token_block, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(1, 3 * KV_HEADS, 32, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    state = codecs.keys.encode(x, Observation(queries=queries))
+    # 48 channels at KIVI-4 (5.0 bits), and one byte per kept channel index and head
+    assert state.nbytes() == (x.numel() * 48 // 64 * 5) // 8 + KV_HEADS * 48
+    assert _bits(path, "values") == pytest.approx(5.0)

@@ -1,0 +1,1 @@
+"""kvcompress-prune: pruning methods for kvcompress (ThinK key channels)."""
