@@ -18,9 +18,7 @@ from kvcompress import MethodSpec, PrunerMethod, Registry, hookimpl
 from kvcompress.errors import KVCompressError, PluginError, UnsupportedModelError
 from kvcompress.hf import patch as patch_module
 from kvcompress.runtime import ChannelPruner, Observation
-from kvcompress.testing import make_codec
-
-CAPTURE_ARCHITECTURES = ("llama", "qwen3", "gemma3")  # plain projections; q/k norms (two kinds)
+from kvcompress.testing import ARCHITECTURES, make_codec
 
 
 class ProbeSpec(MethodSpec):
@@ -105,7 +103,7 @@ def model_views(model, ids) -> dict[int, dict[str, torch.Tensor]]:
     return views
 
 
-@pytest.mark.parametrize("arch", CAPTURE_ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_observation_is_the_queries_after_rope_and_the_keys_before_it(arch, make_model, registry):
     model = make_model(arch)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))

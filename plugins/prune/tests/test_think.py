@@ -154,3 +154,34 @@ def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
     assert not torch.equal(chosen[0], chosen[1])  # different prompts choose apart
     fresh.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(fresh.layers[0].key_state.shared["channels"], chosen.flip(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SmolLM2 (slow): the channels ThinK keeps are the ones that matter
+
+
+@pytest.mark.slow
+def test_smollm2_think_keeps_the_channels_that_matter(monkeypatch):
+    from kvcompress import evaluate
+    from kvcompress.evaluate import BASELINE, Protocol, Runner, evaluate_perplexity
+    from kvcompress.hf.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    text, source = evaluate.default_text()
+    protocol = Protocol(context=512, continuation=64, chunk=16)
+    ids = evaluate.tokenize_text(tokenizer, text, protocol, source)
+    spec = kvcompress.parse_spec({
+        "name": "think-0.4", "window": 32,
+        "keys": {"pruner": {"method": "think", "ratio": 0.4}, "quantizer": {"method": "float"}},
+        "values": {"quantizer": {"method": "float"}},
+    })
+    baseline, think = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("think", spec)])
+    # The same budget spent on the channels ThinK scores lowest.
+    monkeypatch.setattr(
+        ThinKPruner, "select",
+        lambda self, x, obs: self.channel_scores(x, obs.queries).topk(self.kept, largest=False).indices.sort().values,
+    )
+    (opposite,) = evaluate_perplexity(model, ids, protocol, [Runner("opposite", spec)])
+    assert think["key_bits"] == pytest.approx(16 * 39 / 64, rel=0.01)
+    assert think["ppl"] < 1.15 * baseline["ppl"]
+    assert opposite["ppl"] > 3 * think["ppl"]
