@@ -36,7 +36,7 @@ def test_cli_lists_the_installed_plugin(site):
     result = run(site, "-m", "kvcompress.cli", "plugins", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["distribution"]: row for row in json.loads(result.stdout)}
-    assert rows["kvcompress-absmax"]["methods"] == {"quantizer": ["absmax"]}
+    assert rows["kvcompress-absmax"]["methods"] == {"pruner": ["keynorm"], "quantizer": ["absmax"]}
 
 
 def test_spec_using_the_plugin_validates_and_round_trips(site, tmp_path):

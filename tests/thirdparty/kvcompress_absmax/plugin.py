@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kvcompress import LayerContext, MethodSpec, QuantizerMethod, hookimpl
+from kvcompress import LayerContext, MethodSpec, PrunerMethod, QuantizerMethod, hookimpl
 
 
 class AbsmaxSpec(MethodSpec):
@@ -18,6 +18,27 @@ def make_absmax(spec: AbsmaxSpec, ctx: LayerContext):
     from kvcompress_absmax.quantizer import AbsmaxQuantizer
 
     return AbsmaxQuantizer(spec.bits)
+
+
+class KeyNormSpec(MethodSpec):
+    """Keep the key channels with the largest energy before RoPE."""
+
+    method: Literal["keynorm"] = "keynorm"
+    keep: int = Field(ge=1, description="Channels kept per KV head.")
+
+
+def make_keynorm(spec: KeyNormSpec, ctx: LayerContext):
+    from kvcompress_absmax.pruner import KeyNormPruner
+
+    if spec.keep > ctx.head_dim:
+        raise ValueError(f"keynorm: keep {spec.keep} is more than head_dim {ctx.head_dim}")
+    return KeyNormPruner(ctx.head_dim, spec.keep)
+
+
+@hookimpl
+def kvcompress_pruners():
+    return [PrunerMethod(name="keynorm", spec=KeyNormSpec, factory=make_keynorm, description=KeyNormSpec.__doc__,
+                         roles=frozenset({"keys"}), observes=frozenset({"pre_rope_keys"}))]
 
 
 @hookimpl
