@@ -22,6 +22,7 @@ import torch
 
 from kvcompress import load_spec
 from kvcompress.pipeline import build_codecs
+from kvcompress.runtime import Observation
 
 ROOT = Path(__file__).parent.parent
 
@@ -52,7 +53,14 @@ def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device
         keys = torch.randn(shape, generator=generator, device=device)
         values = torch.randn(shape, generator=generator, device=device)
         query = torch.randn(1, args.kv_heads, args.group, args.head_dim, generator=generator, device=device)
-        key_state, value_state = layer.keys.encode(keys), layer.values.encode(values)
+        # What a pruner would observe: Gaussian prompt queries, and the keys as their own pre-RoPE form.
+        prompt_queries = torch.randn(1, args.kv_heads * args.group, 32, args.head_dim, generator=generator, device=device)
+        observation = Observation(queries=prompt_queries, pre_rope_keys=keys)
+
+        def encode():
+            return layer.keys.encode(keys, observation), layer.values.encode(values, observation)
+
+        key_state, value_state = encode()
         scale = args.head_dim**-0.5
 
         def step():
@@ -73,7 +81,7 @@ def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device
             "bits_per_element": stored * 8 / (2 * keys.numel()),
             "bytes": stored,
             "fp16_bytes": 2 * keys.numel() * 2,
-            "encode_tokens_per_s": tokens / timed(lambda: (layer.keys.encode(keys), layer.values.encode(values)), args.repeats, device),
+            "encode_tokens_per_s": tokens / timed(encode, args.repeats, device),
             "attention_step_ms": 1e3 * timed(step, args.repeats, device),
             "sdpa_step_ms": 1e3 * timed(sdpa, args.repeats, device),
             "sdpa_dtype": str(reference_dtype).removeprefix("torch."),
