@@ -13,6 +13,7 @@ from kvcompress.methods import ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.runtime import ChannelPruner, Estimator, Observation, Quantizer, Transform
 from kvcompress.spec import CacheSpec, PipelineSpec
+from kvcompress.spec_base import MethodSpec
 from kvcompress.state import PackedState
 
 # The name under which a pruned state holds its channel selection (PackedState.shared).
@@ -100,8 +101,8 @@ class RoleCodec:
         """Kept channels back in place among zeros: the pruned channels contribute nothing."""
         if self.pruner is None:
             return x
-        channels = state.shared[CHANNELS].long()[:, :, None, :].expand(-1, -1, x.shape[2], -1)
-        return x.new_zeros(*x.shape[:-1], self.pruner.head_dim).scatter_(-1, channels, x)
+        index = _channel_index(state.shared[CHANNELS], x.shape[2])
+        return x.new_zeros(*x.shape[:-1], self.pruner.head_dim).scatter_(-1, index, x)
 
     def constants(self) -> dict[str, torch.Tensor]:
         found = dict(self.quantizer.constants())
@@ -131,9 +132,28 @@ class LayerCodecs:
         return self.keys.observes | self.values.observes
 
 
+def _channel_index(channels: torch.Tensor, rows: int) -> torch.Tensor:
+    """channels [batch, kv_heads, kept] as a gather/scatter index for [batch, kv_heads, rows, kept]."""
+    return channels.long()[:, :, None, :].expand(-1, -1, rows, -1)
+
+
 def _gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """x [batch, kv_heads, n, head_dim] restricted to channels [batch, kv_heads, kept]."""
-    return x.gather(-1, channels.long()[:, :, None, :].expand(-1, -1, x.shape[2], -1))
+    return x.gather(-1, _channel_index(channels, x.shape[2]))
+
+
+def build_pruner(
+    spec: MethodSpec, ctx: LayerContext, registry: Registry
+) -> tuple[ChannelPruner, frozenset[str], LayerContext]:
+    """The pruner of a pipeline, what it observes, and the context of the later stages (its kept channels)."""
+    method = registry.get("pruner", spec.method)
+    pruner = method.factory(spec, ctx)
+    if not 0 < pruner.kept <= ctx.head_dim:
+        raise ValueError(
+            f"pruner {method.name!r} keeps {pruner.kept} channels of layer {ctx.layer} {ctx.role}; it must keep "
+            f"between 1 and head_dim ({ctx.head_dim})"
+        )
+    return pruner, method.observes, replace(ctx, head_dim=pruner.kept)
 
 
 def build_role_codec(
@@ -141,10 +161,7 @@ def build_role_codec(
 ) -> RoleCodec:
     pruner, observes = None, frozenset()
     if pipeline.pruner is not None:
-        method = registry.get("pruner", pipeline.pruner.method)
-        pruner, observes = method.factory(pipeline.pruner, ctx), method.observes
-        # The later stages see only the kept channels.
-        ctx = replace(ctx, head_dim=pruner.kept)
+        pruner, observes, ctx = build_pruner(pipeline.pruner, ctx, registry)
     codebook = None
     if pipeline.codebook is not None:
         codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from kvcompress.methods import LayerContext
-from kvcompress.pipeline import RoleCodec
+from kvcompress.pipeline import RoleCodec, build_pruner
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.spec import parse_spec
 from kvcompress.state import PackedState, reachable_tensors
@@ -62,10 +62,10 @@ def make_codec(
     """
     registry = registry or get_registry()
     ctx = LayerContext(layer=layer, num_layers=num_layers, role=role, head_dim=head_dim, kv_heads=kv_heads)
-    pruning = None
+    pruning, observes = None, frozenset()
     if pruner is not None:
-        pruning = _build(registry, "pruner", pruner, ctx)
-        ctx = replace(ctx, head_dim=pruning.kept)
+        method = registry.get("pruner", pruner["method"])
+        pruning, observes, ctx = build_pruner(method.spec.model_validate(pruner), ctx, registry)
     if callable(codebook):
         ctx = replace(ctx, codebook=codebook(ctx))
     elif codebook is not None:
@@ -76,7 +76,7 @@ def make_codec(
         estimator=_build(registry, "estimator", estimator or {"method": "decode"}, ctx),
         transform=_build(registry, "transform", transform, ctx) if transform else None,
         pruner=pruning,
-        observes=registry.get("pruner", pruner["method"]).observes if pruner else frozenset(),
+        observes=observes,
     )
 
 

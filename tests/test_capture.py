@@ -217,3 +217,8 @@ def test_pruner_stage_serves_only_its_roles(registry):
             "values": {"pruner": {"method": "keysonly"}, "quantizer": {"method": "float"}}}
     with pytest.raises(kvcompress.SpecError, match="values.pruner: 'keysonly' does not serve values"):
         kvcompress.parse_spec(spec, registry=registry)
+
+
+def test_a_pruner_must_keep_between_one_and_head_dim_channels(registry):
+    with pytest.raises(ValueError, match=r"keeps 9 channels of layer 0 keys; it must keep between 1 and head_dim \(8\)"):
+        make_codec({"method": "float"}, head_dim=8, pruner={"method": "probe", "keep": 9}, registry=registry)
