@@ -11,6 +11,9 @@ packed state directly plug in without this module knowing them. The mask is tran
 registered beside the attention and sized by the cache to every held token, so causal masking, left
 padding and sliding windows come from the model exactly as for sdpa; where transformers skips it (plain
 causal attention), the causal mask is built here one query chunk at a time.
+
+For layers whose pruners observe queries, the query this function receives (after RoPE: it exists nowhere
+else) is recorded on the layer; the patch's post-forward hook hands it to the layer (kvcompress.hf.patch).
 """
 
 from __future__ import annotations
