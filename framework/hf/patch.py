@@ -127,8 +127,13 @@ def _pre_rope_key_capture(attention_module: torch.nn.Module):
 
 def check_capture(model: torch.nn.Module, geometry: ModelGeometry, cache: CompressedCache) -> None:
     """Fail when the cache's spec observes something this model's attention modules cannot show."""
-    for module, layer in zip(attention_modules(model, geometry), cache.layers):
-        if "pre_rope_keys" in layer.codecs.observes and key_projection(module) is None:
+    observing = [layer for layer in cache.layers if "pre_rope_keys" in layer.codecs.observes]
+    if not observing:  # the common case: no need to walk the model's modules for every new cache
+        return
+    modules = attention_modules(model, geometry)
+    for layer in observing:
+        module = modules[layer.codecs.layer]
+        if key_projection(module) is None:
             raise UnsupportedModelError(
                 f"layer {module.layer_idx}: the spec's pruner observes the keys before RoPE, but "
                 f"{type(module).__name__} has no k_proj submodule to capture them from (fused projections are not "
