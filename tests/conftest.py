@@ -1,10 +1,11 @@
-"""Tiny random transformers models for the cache, attention and patch tests (seconds on CPU)."""
+"""Fixtures over kvcompress.testing's tiny random models, for the cache, attention and patch tests (seconds on CPU)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import pytest
+import torch
 
 from kvcompress.testing import ARCHITECTURES, tiny_model
 
