@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcompress.kernels.bitpack import (
+from kvcompress_kernels.bitpack import (
     code_dtype,
     pack_bits,
     pack_bits_torch,
@@ -62,7 +62,7 @@ def test_dispatcher_uses_the_reference_on_cpu():
 @pytest.mark.parametrize("bits", list(range(1, 9)) + [11, 16])
 @pytest.mark.parametrize("n", [1, 7, 64, 101])
 def test_triton_kernel_equals_reference(bits, n):
-    from kvcompress.kernels.bitpack import pack_bits_triton, unpack_bits_triton
+    from kvcompress_kernels.bitpack import pack_bits_triton, unpack_bits_triton
 
     original = codes((2, 3, n), bits, bits * 1000 + n)
     packed = pack_bits_torch(original, bits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvcompress import Estimator, PackedState, Quantizer
-from kvcompress.kernels.qjl import qjl_scores
+from kvcompress_qjl.kernels import qjl_scores
 
 from kvcompress_qjl.quantizer import QJLQuantizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvcompress import LayerContext, PackedState, Quantizer
-from kvcompress.kernels.qjl import QJLCodes, group_channel_mask, outlier_channels, qjl_quantize, unpack_signs
+from kvcompress_qjl.kernels import QJLCodes, group_channel_mask, outlier_channels, qjl_quantize, unpack_signs
 
 from kvcompress_qjl.plugin import QJLSpec
 from kvcompress_qjl.sketch import estimator_scale, make_sketch, sketch_seed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.kernels.qjl import (
+from kvcompress_qjl.kernels import (
     outlier_channels,
     qjl_quantize,
     qjl_quantize_torch,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvcompress import KVCompressError
-from kvcompress.kernels.rvq import nearest_codeword
+from kvcompress_rvq.kernels import nearest_codeword
 from kvcompress.methods import LayerContext
 from kvcompress_rvq.quantizer import CODEBOOK_FIELDS, Grouping, RVQCodebooks, normalized_groups
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.kernels.rvq import lut_scores
+from kvcompress_rvq.kernels import lut_scores
 from kvcompress.runtime import Estimator, Quantizer
 from kvcompress.state import PackedState
 from kvcompress_rvq.quantizer import RVQQuantizer

@@ -3,7 +3,7 @@
 State of a block of tokens [b, h, t, d]:
     scale: fp16 [b, h, t]           the standard deviation of each vector over head_dim
     codes: uint8 [b, h, t, bytes]   groups x depth codes per token, code m = group * depth + level, packed
-                                    LSB-first at log2(codebook_size) bits (kvcompress.kernels.bitpack)
+                                    LSB-first at log2(codebook_size) bits (kvcompress_kernels.bitpack)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.kernels.bitpack import pack_bits, packed_length, unpack_bits
-from kvcompress.kernels.rvq import residual_decode, residual_encode
+from kvcompress_kernels.bitpack import pack_bits, packed_length, unpack_bits
+from kvcompress_rvq.kernels import residual_decode, residual_encode
 from kvcompress.methods import LayerContext
 from kvcompress.runtime import Quantizer
 from kvcompress.state import PackedState

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.kernels.bitpack import pack_bits_torch
-from kvcompress.kernels.rvq import (
+from kvcompress_kernels.bitpack import pack_bits_torch
+from kvcompress_rvq.kernels import (
     lut_scores,
     lut_scores_torch,
     lut_scores_triton,

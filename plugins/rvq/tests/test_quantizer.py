@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.kernels.rvq import residual_decode
+from kvcompress_rvq.kernels import residual_decode
 from kvcompress.methods import LayerContext
 from kvcompress.testing import make_codec, relative_error
 from kvcompress_rvq.plugin import RVQSpec

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kvcompress.kernels.bitpack import pack_bits, packed_length, unpack_bits
+from kvcompress_kernels.bitpack import pack_bits, packed_length, unpack_bits
 from kvcompress.runtime import Quantizer, Transform
 from kvcompress.state import PackedState
 

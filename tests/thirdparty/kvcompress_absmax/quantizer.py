@@ -3,7 +3,7 @@
 import torch
 
 from kvcompress import PackedState, Quantizer
-from kvcompress.kernels.bitpack import pack_bits, unpack_bits
+from kvcompress_kernels.bitpack import pack_bits, unpack_bits
 
 
 class AbsmaxQuantizer(Quantizer):

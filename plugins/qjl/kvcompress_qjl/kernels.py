@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.kernels._triton import HAS_TRITON, use_triton
-from kvcompress.kernels.bitpack import pack_bits_torch, unpack_bits_torch
+from kvcompress_kernels._triton import HAS_TRITON, use_triton
+from kvcompress_kernels.bitpack import pack_bits_torch, unpack_bits_torch
 
 
 class QJLCodes(NamedTuple):

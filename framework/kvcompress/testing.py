@@ -11,16 +11,12 @@ Subclass in your plugin's tests (the class name must start with Test for pytest 
         max_relative_error = 0.5                 # relative Frobenius error on N(0, 1) data
 
 Each check builds the quantizer through the registry, exactly as a cache layer would.
-
-This module is also a pytest plugin (entry point "pytest11"): without a CUDA device it runs Triton kernels
-under the interpreter, which must be chosen before any kernel module is imported.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -35,11 +31,6 @@ from kvcompress.state import PackedState, reachable_tensors
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Codebook = Callable[[LayerContext], Any] | dict | None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def make_codec(
