@@ -144,19 +144,22 @@ class CountingSpec(MethodSpec):
 class CountingEstimator:
     calls = {"scores": 0, "mix": 0}
 
-    def scores(self, query, state, quantizer):
-        self.calls["scores"] += 1
-        return query @ quantizer.decode(state).to(query.dtype).transpose(-1, -2)
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
 
-    def mix(self, weights, state, quantizer):
+    def scores(self, query, state):
+        self.calls["scores"] += 1
+        return query @ self.quantizer.decode(state).to(query.dtype).transpose(-1, -2)
+
+    def mix(self, weights, state):
         self.calls["mix"] += 1
-        return weights @ quantizer.decode(state).to(weights.dtype)
+        return weights @ self.quantizer.decode(state).to(weights.dtype)
 
 
 class CountingPlugin:
     @hookimpl
     def kvcompress_estimators(self):
-        return [EstimatorMethod(name="counting", spec=CountingSpec, factory=lambda spec, ctx: CountingEstimator())]
+        return [EstimatorMethod(name="counting", spec=CountingSpec, factory=lambda spec, ctx: CountingEstimator(ctx.quantizer))]
 
 
 def test_spec_estimators_are_what_attention_calls(make_model, make_float_spec):

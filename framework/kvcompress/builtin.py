@@ -27,7 +27,7 @@ class FloatSpec(MethodSpec):
 def _make_decode(spec: DecodeSpec, ctx: LayerContext):
     from kvcompress.estimators import DecodeEstimator
 
-    return DecodeEstimator()
+    return DecodeEstimator(ctx.quantizer)
 
 
 def _make_float(spec: FloatSpec, ctx: LayerContext):

@@ -11,12 +11,15 @@ from kvcompress.state import PackedState
 class DecodeEstimator(Estimator):
     """The reference estimator: decode the packed state, then matmul. Correct for every quantizer."""
 
-    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
-        keys = quantizer.decode(state).to(query.dtype)
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+
+    def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        keys = self.quantizer.decode(state).to(query.dtype)
         return query @ keys.transpose(-1, -2)
 
-    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
-        values = quantizer.decode(state).to(weights.dtype)
+    def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
+        values = self.quantizer.decode(state).to(weights.dtype)
         return weights @ values
 
 

@@ -23,7 +23,8 @@ class LayerContext:
 
     layer: model layer index; num_layers: layers in the model; role: "keys" or "values";
     head_dim, kv_heads: the cache tensor shape; codebook: what the pipeline's codebook stage
-    provided for this layer and role (None without one); spec_dir: directory of the spec file,
+    provided for this layer and role (None without one); quantizer: the role's quantizer, for the
+    estimator's factory, which binds to it (None for the other stages); spec_dir: directory of the spec file,
     for resolving relative paths (None for specs built in code); model: a model identifier
     (None when no model is known, as in `kvcompress demo` on random tensors).
     """
@@ -34,6 +35,7 @@ class LayerContext:
     head_dim: int
     kv_heads: int
     codebook: Any = None
+    quantizer: Any = None
     spec_dir: str | None = None
     model: str | None = None
 
@@ -56,7 +58,7 @@ class QuantizerMethod:
 
 @dataclass(frozen=True)
 class EstimatorMethod:
-    """An attention estimator: factory(spec, ctx) -> kvcompress.runtime.Estimator.
+    """An attention estimator: factory(spec, ctx) -> kvcompress.runtime.Estimator, bound to ctx.quantizer.
 
     quantizers: the quantizer methods whose state it reads (empty: any quantizer, via decode).
     """

@@ -90,10 +90,10 @@ class RoleCodec:
             query = _gather_channels(query, state.shared[CHANNELS])
         if self.transform is not None:
             query = self.transform.forward(query)
-        return self.estimator.scores(query, state, self.quantizer)
+        return self.estimator.scores(query, state)
 
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
-        out = self.estimator.mix(weights, state, self.quantizer)
+        out = self.estimator.mix(weights, state)
         out = self.transform.inverse(out) if self.transform is not None else out
         return self._unprune(out, state)
 
@@ -168,7 +168,7 @@ def build_role_codec(
         ctx = replace(ctx, codebook=codebook)
     quantizer = registry.get("quantizer", pipeline.quantizer.method).factory(pipeline.quantizer, ctx)
     estimator_spec = pipeline.estimator or registry.get("estimator", "decode").spec()
-    estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, ctx)
+    estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
     transform = None
     if pipeline.transform is not None:
         transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)

@@ -48,16 +48,18 @@ class Quantizer(ABC):
 class Estimator(ABC):
     """Computes attention terms from packed state without the core decoding it.
 
+    An estimator is bound to its quantizer when built: its factory finds it as `ctx.quantizer` (and checks
+    there, once, that it can read that quantizer's state).
     Queries arrive grouped by KV head: [batch, kv_heads, n, head_dim] where n = query heads per KV head
     x query length, so grouped-query attention needs nothing from the estimator.
     """
 
     @abstractmethod
-    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         """<q, k> for every query and stored key: [batch, kv_heads, n, tokens] (unscaled)."""
 
     @abstractmethod
-    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+    def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         """sum_t weights[..., t] * v_t: weights [batch, kv_heads, n, tokens] -> [batch, kv_heads, n, head_dim]."""
 
 

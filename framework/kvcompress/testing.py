@@ -61,10 +61,11 @@ def make_codec(
         ctx = replace(ctx, codebook=codebook(ctx))
     elif codebook is not None:
         ctx = replace(ctx, codebook=_build(registry, "codebook", codebook, ctx))
+    built = _build(registry, "quantizer", quantizer, ctx)
     return RoleCodec(
         name=f"conformance {role} ({quantizer.get('method')})",
-        quantizer=_build(registry, "quantizer", quantizer, ctx),
-        estimator=_build(registry, "estimator", estimator or {"method": "decode"}, ctx),
+        quantizer=built,
+        estimator=_build(registry, "estimator", estimator or {"method": "decode"}, replace(ctx, quantizer=built)),
         transform=_build(registry, "transform", transform, ctx) if transform else None,
         pruner=pruning,
         observes=observes,

@@ -16,17 +16,21 @@ class QJLEstimator(Estimator):
     Queries arrive grouped by KV head, so each query head is sketched once and scored against its KV head's keys.
     """
 
-    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+    def __init__(self, quantizer: Quantizer):
         if not isinstance(quantizer, QJLQuantizer):
             raise TypeError(
                 f"the qjl estimator reads state of the qjl quantizer, got {type(quantizer).__name__}: "
                 "use estimator decode for other quantizers"
             )
+        self.quantizer = quantizer
+
+    def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        quantizer = self.quantizer
         codes, index = quantizer.codes(state)
         sketch = quantizer.sketch_on(query.device)
         return qjl_scores(query, codes, sketch, quantizer.scale, index, quantizer.group).to(query.dtype)
 
-    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
+    def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         raise TypeError(
             "the qjl estimator computes scores from keys and cannot mix values: give values their own "
             "quantizer with the decode estimator (leave the values' estimator out)"

@@ -68,7 +68,7 @@ def make_quantizer(spec: QJLSpec, ctx: LayerContext):
 def make_estimator(spec: QJLEstimatorSpec, ctx: LayerContext):
     from kvcompress_qjl.estimator import QJLEstimator
 
-    return QJLEstimator()
+    return QJLEstimator(ctx.quantizer)
 
 
 @hookimpl

@@ -25,8 +25,11 @@ def _rvq(quantizer: object) -> RVQQuantizer:
 
 
 class LUTEstimator(Estimator):
-    def scores(self, query: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
-        rvq = _rvq(quantizer)
+    def __init__(self, quantizer: Quantizer):
+        self.rvq = _rvq(quantizer)
+
+    def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        rvq = self.rvq
         b, h, n, _ = query.shape
         codebooks = rvq.codebooks_on(query.device)
         query_groups = rvq.grouping.split(query.float())  # [b, h, n, groups, group]
@@ -34,8 +37,8 @@ class LUTEstimator(Estimator):
         tables = tables.reshape(b, h, n, rvq.codes_per_token, rvq.codebook_size)
         return lut_scores(tables, state.tensors["codes"], state.tensors["scale"], rvq.bits).to(query.dtype)
 
-    def mix(self, weights: torch.Tensor, state: PackedState, quantizer: Quantizer) -> torch.Tensor:
-        rvq = _rvq(quantizer)
+    def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
+        rvq = self.rvq
         b, h, n, t = weights.shape
         m, size = rvq.codes_per_token, rvq.codebook_size
         codes = rvq.unpacked_codes(state).reshape(b, h, t, m)

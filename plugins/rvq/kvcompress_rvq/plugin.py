@@ -81,7 +81,7 @@ def make_rvq(spec: RVQSpec, ctx: LayerContext):
 def make_lut(spec: LUTSpec, ctx: LayerContext):
     from kvcompress_rvq.estimator import LUTEstimator
 
-    return LUTEstimator()
+    return LUTEstimator(ctx.quantizer)
 
 
 def load_codebooks(spec: KMeansSpec, ctx: LayerContext):
