@@ -173,8 +173,8 @@ def kvcompress_attention(
         if dropout:
             raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
         layer = cache.layers[module.layer_idx]
-        if "queries" in layer.codecs.observes:
-            layer.observed["queries"] = query
+        if "queries" in layer.observes:
+            layer.observe("queries", query)
         if cache.exact_new_tokens:
             segments, attention_mask = exact_new_token_segments(
                 layer, key, value, attention_mask, getattr(module, "is_causal", True)

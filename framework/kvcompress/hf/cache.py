@@ -190,9 +190,34 @@ class CompressedLayer(CacheLayerMixin):
         self.attended = False
         return key_states, value_states
 
+    @property
+    def observes(self) -> frozenset[str]:
+        """What the patch must capture for this layer (Observation fields)."""
+        return self.codecs.observes
+
+    def observe(self, name: str, tensor: torch.Tensor) -> None:
+        """Record what the running forward showed this layer (called by the patch and the attention)."""
+        self.observed[name] = tensor
+
+    def begin_forward(self) -> None:
+        """The layer's attention module starts a forward (the patch's pre-forward hook)."""
+        self.armed = True
+        self.attended = True  # nothing stored yet; update() clears it until the attention reads the layer
+
+    def abort_forward(self) -> None:
+        """The forward raised: what it captured is of no use."""
+        self.armed = False
+        self.observed = {}
+
     def end_forward(self) -> None:
         """The layer's attention module finished a forward: a layer whose pruners observe compresses now,
         with what the forward showed it. Called by the patch's post-forward hook."""
+        self.armed = False
+        if not self.attended:
+            raise KVCompressError(
+                f"layer {self.codecs.layer} stored tokens in the CompressedCache but its attention was not "
+                "kvcompress's; do not change the attention implementation of a patched model"
+            )
         observed, self.observed = self.observed, {}
         if self.codecs.observes and self.is_initialized:
             self._compress_overflow(Observation(**observed))

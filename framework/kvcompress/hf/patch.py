@@ -62,9 +62,7 @@ def _before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> Non
     cache = _find_cache(args, kwargs)
     setattr(module, attention.CACHE_ATTRIBUTE, cache)
     if cache is not None:
-        layer = cache.layers[module.layer_idx]
-        layer.armed = True
-        layer.attended = True  # nothing stored yet; update() clears it until the attention reads the layer
+        cache.layers[module.layer_idx].begin_forward()
 
 
 def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -74,16 +72,9 @@ def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict, output:
     if cache is None:
         return
     layer = cache.layers[module.layer_idx]
-    layer.armed = False
     if output is None:  # the forward raised; what it captured is of no use
-        layer.observed = {}
+        layer.abort_forward()
         return
-    if not layer.attended:
-        raise KVCompressError(
-            f"layer {module.layer_idx} stored tokens in the CompressedCache but its attention was not kvcompress's "
-            f"(the model's attention implementation is {module.config._attn_implementation!r}); do not change the "
-            "attention implementation of a patched model"
-        )
     layer.end_forward()
 
 
@@ -119,8 +110,8 @@ def _pre_rope_key_capture(attention_module: torch.nn.Module):
         if cache is None:
             return
         layer = cache.layers[attention_module.layer_idx]
-        if "pre_rope_keys" in layer.codecs.observes:
-            layer.observed["pre_rope_keys"] = pre_rope_keys(attention_module, output, layer.head_dim)
+        if "pre_rope_keys" in layer.observes:
+            layer.observe("pre_rope_keys", pre_rope_keys(attention_module, output, layer.head_dim))
 
     return capture
 
