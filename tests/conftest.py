@@ -11,12 +11,14 @@ from kvcompress.testing import ARCHITECTURES, tiny_model
 
 
 def float_spec(dtype: str = "float32", window: int = 0, sinks: int = 0, **extra) -> dict:
-    """A spec that stores both roles as plain floats: exact in float32, so results must match DynamicCache."""
+    """A spec that stores both roles as plain floats: exact in float32, so results must match DynamicCache.
+    Tokens leave the window one by one (compress_run 1), so short test sequences reach the packed state."""
     quantizer = {"method": "float", "dtype": dtype}
     return {
         "name": f"float-{dtype}-w{window}",
         "window": window,
         "sinks": sinks,
+        "compress_run": 1,
         "keys": {"quantizer": dict(quantizer)},
         "values": {"quantizer": dict(quantizer)},
         **extra,

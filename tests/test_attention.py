@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import kvcompress
 from kvcompress import EstimatorMethod, MethodSpec, Registry, hookimpl
 from kvcompress.hf import attention
+from kvcompress.hf.cache import Segment
 
 PROMPT, DECODE_STEPS = 12, 6
 
@@ -108,31 +109,62 @@ def naive_attention(query, keys, values, mask, scaling, softcap=None):
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_attend_over_segments_equals_naive_attention_in_query_chunks(monkeypatch, softcap):
+@pytest.mark.parametrize("mask_heads", [1, 6])
+def test_partial_outputs_of_segments_merge_into_one_softmax(softcap, mask_heads):
+    """Dense segments each give an output and its log-sum-exp; merged, they equal one softmax over all tokens
+    (boolean and additive masks, per-head masks, left padding, grouped-query heads, softcapping)."""
     gen = torch.Generator().manual_seed(6)
     b, hq, hkv, q, t, d = 2, 6, 2, 5, 13, 8
     query = torch.randn(b, hq, q, d, generator=gen)
     keys = torch.randn(b, hkv, t, d, generator=gen)
     values = torch.randn(b, hkv, t, d, generator=gen)
-    mask = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None].repeat(b, 1, 1, 1)
+    mask = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None].repeat(b, mask_heads, 1, 1)
     mask[1, :, :, :3] = False  # left padding of the second sequence
-    segments = [attention.DenseSegment(keys[:, :, a:z], values[:, :, a:z]) for a, z in [(0, 2), (2, 9), (9, 13)]]
-    # A score block of one query row at a time: five chunks.
-    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", 4 * b * hq * t)
-    out = attention.attend(query, segments, kv_heads=hkv, attention_mask=mask, scaling=0.3, softcap=softcap)
-    expected = naive_attention(query, keys, values, mask, 0.3, softcap)
+    mask[0, -1, 0, 4] = False  # one hidden key in the last head's mask
+    segments = [Segment(range(a, z), keys[:, :, a:z], values[:, :, a:z]) for a, z in [(0, 2), (2, 9), (9, 13)]]
+    expected = naive_attention(query, keys, values, mask.expand(b, hq, q, t), 0.3, softcap)
+    out = attention.attend(query, segments, t - q, mask, scaling=0.3, softcap=softcap)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(attention.attend(query, segments, t - q, additive, 0.3, softcap), expected, atol=1e-5, rtol=1e-5)
 
-    # Without a mask, a causal one aligned to the newest tokens is used.
-    out = attention.attend(query, segments, kv_heads=hkv, attention_mask=None, scaling=0.3, softcap=softcap)
+    # Without a mask, causality comes from the positions: the queries are the newest q tokens.
+    out = attention.attend(query, segments, t - q, None, scaling=0.3, softcap=softcap)
     causal = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None]
     torch.testing.assert_close(out, naive_attention(query, keys, values, causal, 0.3, softcap), atol=1e-5, rtol=1e-5)
 
 
+def test_merge_of_partials_equals_one_softmax_property():
+    """merge_partials over any split of the keys equals the softmax over all of them."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kvcompress_kernels.partial import dense_partial, merge_partials
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(0, 2**16), st.sampled_from([1, 3]))
+    def check(sizes, seed, groups):
+        gen = torch.Generator().manual_seed(seed)
+        t = sum(sizes)
+        query = torch.randn(1, 2 * groups, 3, 8, generator=gen) * 3
+        keys, values = torch.randn(2, 1, 2, t, 8, generator=gen)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(dense_partial(query, keys[:, :, start : start + size], values[:, :, start : start + size], None, 0.5))
+            start += size
+        merged, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+        whole, whole_lse = dense_partial(query, keys, values, None, 0.5)
+        expected = naive_attention(query, keys, values, torch.ones(1, 1, 3, t, dtype=torch.bool), 0.5).transpose(1, 2)
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5)
+
+    check()
+
+
 def test_mask_of_the_wrong_length_is_a_clear_error():
     query, keys = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 5, 4)
-    with pytest.raises(kvcompress.KVCompressError, match="layer holds 5 tokens"):
-        attention.attend(query, [attention.DenseSegment(keys, keys)], 2, torch.ones(1, 1, 1, 7, dtype=torch.bool), 1.0)
+    with pytest.raises(kvcompress.KVCompressError, match="the layer has seen 6 positions for 1 queries"):
+        attention.attend(query, [Segment(range(0, 5), keys, keys)], 5, torch.ones(1, 1, 1, 7, dtype=torch.bool), 1.0)
 
 
 class CountingSpec(MethodSpec):

@@ -66,6 +66,7 @@ def probe_spec(window: int = 0, keep: int = 0) -> dict:
     return {
         "name": "probe",
         "window": window,
+        "compress_run": 1,
         "keys": {"pruner": {"method": "probe", "keep": keep}, "quantizer": float32},
         "values": {"quantizer": float32},
     }
@@ -116,7 +117,7 @@ def test_observation_is_the_queries_after_rope_and_the_keys_before_it(arch, make
         torch.testing.assert_close(observation.queries, views[index]["queries"])
         torch.testing.assert_close(observation.pre_rope_keys, views[index]["pre_rope_keys"])
         # The keys before RoPE, rotated, are the keys the cache stored.
-        torch.testing.assert_close(layer.codecs.keys.decode(layer.key_state), views[index]["keys"])
+        torch.testing.assert_close(layer.codecs.keys.decode(layer.key_store.view()), views[index]["keys"])
         assert layer.observed == {}, "the observation must not outlive the forward"
 
 
@@ -163,7 +164,7 @@ def test_pruned_state_holds_only_kept_channels_and_reads_queries_through_them(re
     mixed = codec.mix(weights, state)
     assert torch.equal(mixed[..., 3:], torch.zeros_like(mixed[..., 3:]))
     # Later tokens reuse the selection of the state they join, without observing anything.
-    more = codec.encode(torch.randn(2, 2, 2, 8), held=state)
+    more = codec.encode(torch.randn(2, 2, 2, 8), shared=state.shared)
     assert more.shared["channels"] is state.shared["channels"]
     assert state.cat(more).tokens == 7
 

@@ -156,7 +156,8 @@ def test_a_float32_spec_reproduces_the_baseline_and_restores_the_model(model, to
     assert baseline["fp16_bytes"] == compressed["fp16_bytes"] == fp16
     assert baseline["cache_bytes"] == 2 * fp16 and baseline["bits_per_element"] == 32
     assert compressed["key_bits"] == compressed["value_bits"] == compressed["bits_per_element"] == 32
-    assert compressed["cache_bytes"] == 2 * fp16
+    # float32 holds twice the fp16 bytes, plus each store's token count per (sequence, head): 2 layers x 2 roles.
+    assert compressed["cache_bytes"] == 2 * fp16 + 2 * 2 * 2 * 8
     assert all(row["tokens_scored"] == 20 and row["seconds"] > 0 for row in rows)
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pluggy
 
-from kvcompress.methods import CodebookMethod, EstimatorMethod, PrunerMethod, QuantizerMethod, TransformMethod
+from kvcompress.methods import (
+    CodebookMethod,
+    EstimatorMethod,
+    PrunerMethod,
+    QuantizerMethod,
+    ReaderMethod,
+    TransformMethod,
+)
 
 PROJECT = "kvcompress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -80,4 +87,19 @@ def kvcompress_pruners() -> list[PrunerMethod]:
         def kvcompress_pruners():
             return [PrunerMethod(name="think", spec=ThinKSpec, factory=make_think,
                                  roles=frozenset({"keys"}), observes=frozenset({"queries"}))]
+    """
+
+
+@hookspec
+def kvcompress_readers() -> list[ReaderMethod]:
+    """Layer-level readers: attention over a layer's packed keys and values read together (a fused kernel for
+    a pair of quantizer methods). Layers whose pair no reader declares use the default, which goes through the
+    estimators.
+
+    Example::
+
+        @hookimpl
+        def kvcompress_readers():
+            return [ReaderMethod(name="kivi-fused", factory=make_reader,
+                                 keys=frozenset({"scalar"}), values=frozenset({"scalar"}))]
     """

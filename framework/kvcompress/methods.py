@@ -117,6 +117,26 @@ class PrunerMethod:
     observes: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class ReaderMethod:
+    """A layer-level reader: factory(codecs, ctx) -> kvcompress.runtime.Reader, for layers whose keys and values
+    are stored by the named quantizer methods (the pair a fused kernel reads in one pass).
+
+    keys / values: the quantizer methods it reads (a layer uses it only when both match; empty: any).
+    The cache picks, per layer, the first installed reader that matches; otherwise the default reader, which
+    goes through the keys' and values' estimators. ctx is the keys' LayerContext.
+    """
+
+    name: str
+    factory: Callable[[Any, LayerContext], Any]
+    keys: frozenset[str] = frozenset()
+    values: frozenset[str] = frozenset()
+    description: str = ""
+
+    def reads(self, keys: str, values: str) -> bool:
+        return (not self.keys or keys in self.keys) and (not self.values or values in self.values)
+
+
 # Pipeline stages in the order they run on the tokens to store.
 STAGES: dict[str, type] = {
     "pruner": PrunerMethod,
@@ -147,6 +167,7 @@ __all__ = [
     "PrunerMethod",
     "QuantizerMethod",
     "ROLES",
+    "ReaderMethod",
     "Role",
     "STAGES",
     "TransformMethod",

@@ -11,10 +11,11 @@ import torch
 from kvcompress.errors import KVCompressError
 from kvcompress.methods import ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
-from kvcompress.runtime import ChannelPruner, Estimator, Observation, Quantizer, Transform
+from kvcompress.runtime import ChannelPruner, Estimator, Observation, Quantizer, Reader, Transform
 from kvcompress.spec import CacheSpec, PipelineSpec
 from kvcompress.spec_base import MethodSpec
 from kvcompress.state import PackedState
+from kvcompress_kernels.partial import scores_partial
 
 # The name under which a pruned state holds its channel selection (PackedState.shared).
 CHANNELS = "channels"
@@ -25,6 +26,7 @@ class RoleCodec:
     """The stages of one role of one layer: pruner -> transform -> quantizer, read back through the estimator.
 
     observes: what the pruner reads from an Observation (empty without a pruner).
+    method: the quantizer's method name (what layer-level readers match on).
     """
 
     name: str
@@ -33,16 +35,18 @@ class RoleCodec:
     transform: Transform | None = None
     pruner: ChannelPruner | None = None
     observes: frozenset[str] = frozenset()
+    method: str = ""
 
     @property
     def token_block(self) -> int:
         return self.quantizer.token_block
 
     def encode(
-        self, x: torch.Tensor, observation: Observation | None = None, held: PackedState | None = None
+        self, x: torch.Tensor, observation: Observation | None = None, shared: dict[str, torch.Tensor] | None = None
     ) -> PackedState:
-        """Pack x [batch, kv_heads, tokens, head_dim]. held: the state these tokens will be appended to,
-        whose channel selection a pruner keeps; without it the pruner selects from x and `observation`."""
+        """Pack x [batch, kv_heads, tokens, head_dim]. shared: the per-sequence tensors of the state these tokens
+        will be appended to, whose channel selection a pruner keeps; without them the pruner selects from x and
+        `observation`."""
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).sum().item()
             raise ValueError(
@@ -53,7 +57,7 @@ class RoleCodec:
             raise ValueError(f"{self.name}: encode needs a multiple of {self.token_block} tokens, got {x.shape[2]}")
         channels = None
         if self.pruner is not None:
-            channels = held.shared[CHANNELS] if held is not None else self._select(x, observation)
+            channels = shared[CHANNELS] if shared else self._select(x, observation)
             x = _gather_channels(x, channels)
         if self.transform is not None:
             x = self.transform.forward(x)
@@ -111,20 +115,44 @@ class RoleCodec:
         return found
 
 
+class EstimatorReader(Reader):
+    """The default reader: the keys' estimator scores, the values' estimator mixes (each through its role's
+    pruner and transform)."""
+
+    def __init__(self, keys: RoleCodec, values: RoleCodec):
+        self.keys, self.values = keys, values
+
+    def attend(self, query, keys, values, bias, scale, softcap):
+        scores = self.keys.scores(query, keys).float().mul_(scale)
+        weights, lse = scores_partial(scores, bias, softcap)
+        return self.values.mix(weights.to(query.dtype), values).float(), lse
+
+
 @dataclass
 class LayerCodecs:
-    """Everything one cache layer needs: window and sinks, and a codec per role."""
+    """Everything one cache layer needs: window and sinks, a codec per role, and the reader of both."""
 
     layer: int
     window: int
     sinks: int
     keys: RoleCodec
     values: RoleCodec
+    compress_run: int = 1
+    reader: Reader | None = None
+
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            self.reader = EstimatorReader(self.keys, self.values)
 
     @property
     def token_block(self) -> int:
         """Keys and values compress the same token range, so blocks are a multiple of both."""
         return math.lcm(self.keys.token_block, self.values.token_block)
+
+    @property
+    def run(self) -> int:
+        """Tokens compressed together: compress_run rounded up to a multiple of the token block."""
+        return -(-self.compress_run // self.token_block) * self.token_block
 
     @property
     def observes(self) -> frozenset[str]:
@@ -175,7 +203,8 @@ def build_role_codec(
     stages = "+".join(stage.method for stage in (pipeline.pruner, pipeline.quantizer) if stage is not None)
     name = f"layer {ctx.layer} {ctx.role} ({stages})"
     return RoleCodec(
-        name=name, quantizer=quantizer, estimator=estimator, transform=transform, pruner=pruner, observes=observes
+        name=name, quantizer=quantizer, estimator=estimator, transform=transform, pruner=pruner, observes=observes,
+        method=pipeline.quantizer.method,
     )
 
 
@@ -201,5 +230,13 @@ def build_codecs(
                 spec_dir=spec_dir, model=model,
             )
             roles[role] = build_role_codec(getattr(plan, role), ctx, registry)
-        layers.append(LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, **roles))
+        layer = LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, compress_run=spec.compress_run, **roles)
+        reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
+        if reader is not None:
+            ctx = LayerContext(
+                layer=index, num_layers=num_layers, role="keys", head_dim=head_dim, kv_heads=kv_heads,
+                spec_dir=spec_dir, model=model,
+            )
+            layer.reader = reader.factory(layer, ctx)
+        layers.append(layer)
     return layers

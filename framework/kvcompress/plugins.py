@@ -12,7 +12,7 @@ import pluggy
 
 from kvcompress import hookspecs
 from kvcompress.errors import PluginError, UnknownMethodError
-from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES
+from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES, ReaderMethod
 
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
@@ -62,6 +62,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.failed: list[PluginInfo] = []
         self._methods: dict[str, dict[str, Provided]] | None = None
+        self._readers: list[Provided] | None = None
         from kvcompress import builtin
 
         self.register(builtin, PluginInfo(CORE_PLUGIN, "kvcompress", _version("kvcompress")))
@@ -97,6 +98,7 @@ class Registry:
         self.pm.register(plugin, name=info.name)
         self.plugins[info.name] = info
         self._methods = None
+        self._readers = None
 
     def _collect(self) -> dict[str, dict[str, Provided]]:
         if self._methods is not None:
@@ -142,6 +144,27 @@ class Registry:
         if found is None:
             raise UnknownMethodError(unknown_method_message(stage, name, self.names(stage)))
         return found.method
+
+    def readers(self) -> list[Provided]:
+        """Layer-level readers in registration order (kvcompress_readers); names are unique."""
+        if self._readers is None:
+            found: dict[str, Provided] = {}
+            for impl in reversed(self.pm.hook.kvcompress_readers.get_hookimpls()):
+                info = self.plugins[impl.plugin_name]
+                for reader in impl.function() or []:
+                    if not isinstance(reader, ReaderMethod):
+                        raise PluginError(
+                            f"plugin {info.name!r} ({info.distribution}) returned {type(reader).__name__} from "
+                            "kvcompress_readers; expected ReaderMethod"
+                        )
+                    if reader.name in found:
+                        other = found[reader.name].plugin
+                        raise PluginError(
+                            f"reader {reader.name!r} is provided twice: by {other.distribution} and by {info.distribution}"
+                        )
+                    found[reader.name] = Provided(reader, info)
+            self._readers = list(found.values())
+        return self._readers
 
 
 def unknown_method_message(stage: str, name: str, installed: list[str]) -> str:

@@ -2,6 +2,8 @@
 
 A quantizer turns float tensors [batch, kv_heads, tokens, head_dim] into a PackedState and back.
 An estimator computes attention scores and value mixes straight from a PackedState.
+A reader computes a layer's partial attention over its packed keys and values together (the default one
+goes through the two roles' estimators; a method pair can supply a fused kernel).
 A transform is an orthogonal map applied before quantization (queries get it too, so scores keep).
 A channel pruner picks which head_dim channels a role stores, from what the model showed (an Observation).
 """
@@ -61,6 +63,32 @@ class Estimator(ABC):
     @abstractmethod
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         """sum_t weights[..., t] * v_t: weights [batch, kv_heads, n, tokens] -> [batch, kv_heads, n, head_dim]."""
+
+
+class Reader(ABC):
+    """Attention over a layer's packed middle, reading its keys' and values' states together.
+
+    Built once per layer, bound to that layer's codecs (kvcompress.pipeline.LayerCodecs), so a fused kernel
+    for a (key method, value method) pair reads both states in one pass. The cache calls it per block of
+    tokens and merges the partial outputs exactly with the other segments (kvcompress_kernels.partial).
+    """
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,
+        keys: PackedState,
+        values: PackedState,
+        bias: torch.Tensor | None,
+        scale: float,
+        softcap: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query grouped by KV head [batch, kv_heads, n, head_dim]; bias: additive float32 broadcastable to
+        [batch, kv_heads, n, tokens] (hidden keys very negative) or None; scores are <q, k> * scale, then
+        softcap * tanh(. / softcap) when softcap is set, then + bias.
+
+        Returns (output [batch, kv_heads, n, head_dim] float32, log-sum-exp of the scores [batch, kv_heads, n]
+        float32), the output normalized over these tokens only."""
 
 
 class Transform(ABC):

@@ -85,6 +85,12 @@ class CacheSpec(_Strict):
     description: str = Field("", description="Free text.")
     window: int = Field(0, ge=0, description="Most recent tokens kept in full precision.")
     sinks: int = Field(0, ge=0, description="First tokens (attention sinks) kept in full precision.")
+    compress_run: int = Field(
+        16, ge=1,
+        description="Tokens beyond the window are compressed in runs of this many (rounded up to a multiple of the "
+        "methods' token blocks): one encode per run instead of one per decoded token. The window then holds "
+        "between `window` and `window + run - 1` tokens in full precision.",
+    )
     keys: SerializeAsAny[PipelineSpec] = Field(description="How keys are compressed and read.")
     values: SerializeAsAny[PipelineSpec] = Field(description="How values are compressed and read.")
     layers: dict[str, SerializeAsAny[LayerOverride]] = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress_kernels._triton import HAS_TRITON, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 
 MAX_BITS = 16
 

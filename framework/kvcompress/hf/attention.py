@@ -1,145 +1,48 @@
 """Attention computed from the compressed cache, registered with transformers as "kvcompress".
 
-For a layer holding [sinks | packed middle | tail] (position order), with queries grouped by KV head:
+A layer hands attention its segments in position order (kvcompress.hf.cache.CompressedLayer.read):
+    sinks │ packed middle │ tail │ the forward's own tokens
+Each segment gives a partial output with its log-sum-exp, and the partials merge exactly
+(kvcompress_kernels.partial):
+    dense segments   fused SDPA over the full-precision keys and values (grouped-query heads native);
+    packed middle    the layer's reader (kvcompress.runtime.Reader: a fused kernel for the layer's method
+                     pair, or the default that goes through the keys' and values' estimators), block by
+                     block of tokens so that transient memory stays bounded.
+A forward with nothing older than its own tokens (a prompt) is one dense segment: plain SDPA, exactly what
+transformers' sdpa attention computes.
 
-    scores  = [q @ sinks_k^T,  keys estimator scores(q, packed keys),  q @ tail_k^T] * scaling (+ softcap)
-    weights = softmax(scores + mask) in float32
-    output  = w_sinks @ sinks_v + values estimator mix(w_middle, packed values) + w_tail @ tail_v
-
-The estimators come from the spec (the core's "decode", or a plugin's), so methods that read their
-packed state directly plug in without this module knowing them. The mask is transformers' own sdpa mask,
-registered beside the attention and sized by the cache to every held token, so causal masking, left
-padding and sliding windows come from the model exactly as for sdpa; where transformers skips it (plain
-causal attention), the causal mask is built here one query chunk at a time.
+The mask is transformers' own sdpa mask, registered beside the attention and sized by the cache to every
+position seen, so causal masking, left padding and sliding windows come from the model; each segment takes
+its columns (by position). Where transformers skips the mask (plain causal attention), causality is applied
+from the positions.
 
 For layers whose pruners observe queries, the query this function receives (after RoPE: it exists nowhere
-else) is recorded on the layer; the patch's post-forward hook hands it to the layer (kvcompress.hf.patch).
+else) is recorded on the layer (kvcompress.hf.patch hands it over when the forward ends).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.errors import KVCompressError
-from kvcompress.pipeline import LayerCodecs
+from kvcompress_kernels.partial import HIDDEN, bias_from_mask, dense_partial, merge_partials
 
 NAME = "kvcompress"
 # Attribute the patch's pre-forward hook sets on an attention module: the CompressedCache of the running forward.
 CACHE_ATTRIBUTE = "_kvcompress_cache"
-# Keyword arguments some models pass that change the attention math in ways this function does not implement.
+# Attribute the patch sets on each attention module: keyword arguments its architecture may pass that change the
+# attention math in ways this function does not implement (from the model adapter).
+UNSUPPORTED_ATTRIBUTE = "_kvcompress_unsupported_kwargs"
 UNSUPPORTED_KWARGS = {
     "s_aux": "learned attention-sink logits (gpt-oss)",
     "position_bias": "an additive position bias (T5-style)",
 }
-# Upper bound on the float32 score block of one query chunk; long prefills run in query chunks under it.
-SCORE_CHUNK_BYTES = 256 * 2**20
-
-
-class Segment(Protocol):
-    """A run of consecutive tokens of one layer that attention can score and mix."""
-
-    length: int
-
-    def scores(self, query: torch.Tensor) -> torch.Tensor: ...
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor: ...
-
-
-class DenseSegment:
-    """Full-precision keys and values [batch, kv_heads, tokens, head_dim]."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values, self.length = keys, values, keys.shape[2]
-
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.keys.to(query.dtype).transpose(-1, -2)
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights @ self.values.to(weights.dtype)
-
-
-class PackedSegment:
-    """The packed middle of a layer, read through the spec's estimators."""
-
-    def __init__(self, codecs: LayerCodecs, key_state: Any, value_state: Any):
-        self.codecs, self.key_state, self.value_state = codecs, key_state, value_state
-        self.length = key_state.tokens
-
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        return self.codecs.keys.scores(query, self.key_state)
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        return self.codecs.values.mix(weights, self.value_state).to(weights.dtype)
-
-
-def layer_segments(layer: Any) -> list[Segment]:
-    """The non-empty segments of a CompressedLayer, in position order."""
-    segments: list[Segment] = [DenseSegment(layer.sink_keys, layer.sink_values)]
-    if layer.key_state is not None:
-        segments.append(PackedSegment(layer.codecs, layer.key_state, layer.value_state))
-    segments.append(DenseSegment(layer.tail_keys, layer.tail_values))
-    return [s for s in segments if s.length]
-
-
-def exact_new_token_segments(
-    layer: Any, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, causal: bool
-) -> tuple[list[Segment], torch.Tensor]:
-    """Segments in which the tokens of the running forward (the newest key.shape[2] held) are read in full
-    precision from `key`/`value`, as the published methods do in prefill, and older ones from the layer.
-
-    Returns the segments and the mask re-indexed to their columns. A packed middle that already holds some
-    of the new tokens is read whole, with those columns masked out (packed rows cannot be split by token).
-    """
-    new, length = key.shape[2], layer.length
-    old = length - new
-    sinks, packed = layer.sink_tokens, layer.compressed_tokens
-    device = key.device
-    segments: list[Segment] = []
-    columns: list[torch.Tensor] = []  # the position of each score column
-    if min(sinks, old) > 0:
-        segments.append(DenseSegment(layer.sink_keys[:, :, :old], layer.sink_values[:, :, :old]))
-        columns.append(torch.arange(min(sinks, old), device=device))
-    if packed and sinks < old:
-        segments.append(PackedSegment(layer.codecs, layer.key_state, layer.value_state))
-        columns.append(torch.arange(sinks, sinks + packed, device=device))
-    if old > sinks + packed:
-        tail = old - sinks - packed
-        segments.append(DenseSegment(layer.tail_keys[:, :, :tail], layer.tail_values[:, :, :tail]))
-        columns.append(torch.arange(sinks + packed, old, device=device))
-    segments.append(DenseSegment(key, value))
-    fresh = torch.arange(old, length, device=device)
-    position = torch.cat(columns + [fresh])
-    # Columns of held copies of the new tokens (inside the packed middle) are hidden; the fresh ones are not.
-    hidden = torch.cat([c >= old for c in columns] + [torch.zeros_like(fresh, dtype=torch.bool)])
-    if len(position) == length:
-        # Every position once, in order: the model's mask (or its absence) applies as it is.
-        return segments, mask
-    if mask is None:
-        mask = _causal_mask(new, length, device) if causal else torch.ones(1, 1, new, length, dtype=torch.bool, device=device)
-    _check_mask(mask, new, length)
-    mask = mask.index_select(-1, position)
-    if mask.dtype == torch.bool:
-        mask = mask & ~hidden
-    else:
-        mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
-    return segments, mask
-
-
-def _check_mask(mask: torch.Tensor, q_len: int, length: int) -> None:
-    if mask.shape[-1] != length or mask.shape[-2] != q_len:
-        raise KVCompressError(
-            f"attention mask covers {mask.shape[-2]} queries x {mask.shape[-1]} keys, but the layer holds {length} "
-            f"tokens for {q_len} queries; pass the 2D attention_mask and let the model build the 4D one"
-        )
-
-
-def _causal_mask(q_len: int, length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, q_len, length]: the queries are the newest q_len tokens, query i at position length - q_len + i."""
-    return torch.ones(q_len, length, dtype=torch.bool, device=device).tril(length - q_len)[None, None]
+# Upper bound on the float32 score block of the packed middle; longer reads go block by block.
+READ_BLOCK_BYTES = 64 * 2**20
 
 
 def kvcompress_attention(
@@ -158,7 +61,7 @@ def kvcompress_attention(
     With a CompressedCache in the running forward it attends over everything the layer holds; otherwise
     (no cache, use_cache=False) over the key and value it is given, with the same math.
     """
-    for name, what in UNSUPPORTED_KWARGS.items():
+    for name, what in getattr(module, UNSUPPORTED_ATTRIBUTE, UNSUPPORTED_KWARGS).items():
         if kwargs.get(name) is not None:
             raise KVCompressError(
                 f"{type(module).__name__} passes {name} ({what}) to attention, which kvcompress does not implement; "
@@ -166,109 +69,164 @@ def kvcompress_attention(
             )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    causal = getattr(module, "is_causal", True)
     cache = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
-        segments: list[Segment] = [DenseSegment(key, value)]
+        from kvcompress.hf.cache import Segment
+
+        segments = [Segment(range(0, key.shape[2]), key, value)]
+        first_query = key.shape[2] - query.shape[2]
     else:
         if dropout:
             raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
         layer = cache.layers[module.layer_idx]
         if "queries" in layer.observes:
             layer.observe("queries", query)
-        if cache.exact_new_tokens:
-            segments, attention_mask = exact_new_token_segments(
-                layer, key, value, attention_mask, getattr(module, "is_causal", True)
-            )
-        else:
-            segments = layer_segments(layer)
-        layer.attended = True
+        segments, first_query = layer.read()
     output = attend(
-        query,
-        segments,
-        kv_heads=key.shape[1],
-        attention_mask=attention_mask,
-        scaling=scaling,
-        softcap=softcap,
-        dropout=dropout if module.training else 0.0,
-        causal=getattr(module, "is_causal", True),
+        query, segments, first_query, attention_mask, scaling, softcap, causal, dropout if module.training else 0.0
     )
     return output, None
 
 
 def attend(
     query: torch.Tensor,
-    segments: list[Segment],
-    kv_heads: int,
+    segments: list[Any],
+    first_query: int,
     attention_mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
-    dropout: float = 0.0,
     causal: bool = True,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention of query [b, hq, q, d] over segments that together hold `length` tokens.
+    """Softmax attention of query [b, hq, q, d] (at positions first_query ...) over the segments' tokens.
 
-    Queries are grouped by KV head ([b, kv_heads, groups * q, d]) for the segments, so grouped-query
-    attention costs nothing extra. Returns [b, q, hq, d_v] in the query's dtype.
+    attention_mask: transformers' 4D mask over positions [0, first_query + q) (boolean, True = visible, or
+    additive), or None for plain causal attention. Returns [b, q, hq, d] in the query's dtype.
     """
-    batch, heads, q_len, dim = query.shape
-    groups = heads // kv_heads
-    length = sum(s.length for s in segments)
-    mask = _grouped_mask(attention_mask, q_len, length, heads, kv_heads)
-    chunk = max(1, SCORE_CHUNK_BYTES // max(1, 4 * batch * heads * length))
-    outputs = []
-    for start in range(0, q_len, chunk):
-        stop = min(q_len, start + chunk)
-        rows = stop - start
-        grouped = query[:, :, start:stop].reshape(batch, kv_heads, groups * rows, dim)
-        # Each segment writes its columns of one float32 block (no concatenated copy).
-        scores = torch.empty(batch, kv_heads, groups * rows, length, dtype=torch.float32, device=query.device)
-        offset = 0
-        for s in segments:
-            scores[..., offset : offset + s.length] = s.scores(grouped)
-            offset += s.length
-        scores.mul_(scaling)
-        if softcap is not None:
-            scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
-        scores = scores.view(batch, kv_heads, groups, rows, length)
-        if mask is not None:
-            rows_mask = mask[..., start:stop, :]
-            if rows_mask.dtype == torch.bool:
-                scores.masked_fill_(~rows_mask, torch.finfo(torch.float32).min)
-            else:
-                scores.add_(rows_mask)
-        elif causal:
-            # No mask from the model means plain causal attention of the newest q_len tokens (what sdpa's
-            # is_causal does for the cases where transformers skips the mask), built one chunk at a time.
-            position = torch.arange(length - q_len + start, length - q_len + stop, device=query.device)
-            hidden = torch.arange(length, device=query.device)[None, :] > position[:, None]
-            scores.masked_fill_(hidden, torch.finfo(torch.float32).min)
-        weights = torch.softmax(scores, dim=-1)
-        if dropout:
-            weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
-        weights = weights.to(query.dtype).view(batch, kv_heads, groups * rows, length)
-        out = None
-        offset = 0
-        for s in segments:
-            part = s.mix(weights[..., offset : offset + s.length])
-            out = part if out is None else out + part
-            offset += s.length
-        outputs.append(out.view(batch, kv_heads, groups, rows, -1).reshape(batch, heads, rows, -1))
-    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return output.transpose(1, 2).contiguous()
+    q_len = query.shape[2]
+    width = first_query + q_len
+    if attention_mask is not None and (attention_mask.shape[-1] != width or attention_mask.shape[-2] != q_len):
+        raise KVCompressError(
+            f"attention mask covers {attention_mask.shape[-2]} queries x {attention_mask.shape[-1]} positions, but the "
+            f"layer has seen {width} positions for {q_len} queries; pass the 2D attention_mask and let the model build "
+            "the 4D one"
+        )
+    only = segments[0] if len(segments) == 1 else None
+    if only is not None and only.stores is None and only.positions == range(0, width) and softcap is None:
+        # Nothing older than this forward's tokens: exactly transformers' sdpa attention.
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, only.keys, only.values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=attention_mask is None and causal and q_len > 1, enable_gqa=query.shape[1] != only.keys.shape[1],
+        )
+        return output.transpose(1, 2).contiguous()
+    if dropout:
+        raise KVCompressError("attention dropout over a compressed cache is not supported: call model.eval()")
+    outputs, lses = [], []
+    for segment in segments:
+        if segment.stores is None:
+            bias = _dense_bias(segment.positions, attention_mask, first_query, q_len, causal, query.dtype)
+            output, lse = dense_partial(query, segment.keys, segment.values, bias, scaling, softcap)
+        else:
+            output, lse = _packed_partial(query, segment, attention_mask, first_query, causal, scaling, softcap)
+        outputs.append(output)
+        lses.append(lse)
+    output, _ = merge_partials(outputs, lses)
+    return output.to(query.dtype).transpose(1, 2).contiguous()
 
 
-def _grouped_mask(
-    mask: torch.Tensor | None, q_len: int, length: int, heads: int, kv_heads: int
+def _dense_bias(
+    positions: range, mask: torch.Tensor | None, first_query: int, q_len: int, causal: bool, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    """The model's 4D mask (boolean, or additive float) viewed to broadcast over [b, kv_heads, groups, q, length]."""
-    if mask is None:
-        return None
-    _check_mask(mask, q_len, length)
-    if mask.shape[1] == 1:
-        return mask[:, :, None]
-    if mask.shape[1] == heads:
-        return mask.view(mask.shape[0], kv_heads, heads // kv_heads, q_len, length)
-    raise KVCompressError(f"attention mask has {mask.shape[1]} heads; expected 1 or {heads}")
+    """Additive bias [b, 1|hq, q, t] of a segment at contiguous positions (None: every token visible)."""
+    if mask is not None:
+        return bias_from_mask(mask[..., positions.start : positions.stop], dtype)
+    if causal and positions.stop > first_query + 1:
+        return _causal_bias(torch.arange(positions.start, positions.stop), first_query, q_len, dtype)
+    return None
+
+
+def _causal_bias(positions: torch.Tensor, first_query: int, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., q, t]: hidden where a token's position is after the query's (positions [..., t])."""
+    query_positions = torch.arange(first_query, first_query + q_len, device=positions.device)
+    hidden = positions.unsqueeze(-2) > query_positions[:, None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, torch.finfo(dtype).min)
+
+
+def _packed_partial(
+    query: torch.Tensor,
+    segment: Any,
+    mask: torch.Tensor | None,
+    first_query: int,
+    causal: bool,
+    scaling: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed middle through the layer's reader, block by block of tokens, merged exactly.
+
+    Queries are grouped by KV head ([b, kv_heads, groups * q, d]) so grouped-query heads share each read."""
+    key_store, value_store = segment.stores
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key_store.tokens.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)
+    quantum = key_store.layout.quantum
+    block = max(quantum, READ_BLOCK_BYTES // (4 * batch * heads * q_len) // quantum * quantum)
+    outputs, lses = [], []
+    for start in range(0, key_store.length, block):
+        stop = min(key_store.length, start + block)
+        bias = _packed_bias(key_store, start, stop, mask, first_query, q_len, causal, groups)
+        output, lse = segment.reader.attend(
+            grouped, key_store.view(start, stop), value_store.view(start, stop), bias, scaling, softcap
+        )
+        outputs.append(output)
+        lses.append(lse)
+    output, lse = merge_partials(outputs, lses)
+    return output.view(batch, heads, q_len, dim), lse.view(batch, heads, q_len)
+
+
+def _packed_bias(
+    store: Any, start: int, stop: int, mask: torch.Tensor | None, first_query: int, q_len: int, causal: bool, groups: int
+) -> torch.Tensor | None:
+    """Additive float32 bias for the grouped queries over tokens [start, stop) of a store: the model's mask
+    columns at the tokens' positions (or causality from them), and the padding of heads holding fewer tokens.
+    Broadcastable to [b, kv_heads, groups * q, t]."""
+    positions = store.token_positions(start, stop)
+    bias = None
+    if mask is not None:
+        if isinstance(positions, range):
+            columns = mask[..., positions.start : positions.stop]  # [b, 1|hq, q, t]
+        else:  # per (sequence, head) positions [b, kv, t]: the mask's columns per head
+            if mask.shape[1] > 1:
+                positions = positions.repeat_interleave(mask.shape[1] // positions.shape[1], dim=1)
+            batch, heads, tokens = positions.shape
+            rows = mask.expand(batch, heads, q_len, mask.shape[-1])
+            columns = rows.gather(-1, positions[:, :, None, :].expand(batch, heads, q_len, tokens))
+        bias = _group_rows(bias_from_mask(columns), groups, store.tokens.shape[1])
+    elif causal:
+        last = positions.stop - 1 if isinstance(positions, range) else int(positions.max())
+        if last > first_query:
+            tensor = torch.arange(positions.start, positions.stop) if isinstance(positions, range) else positions
+            bias = _group_rows(_causal_bias(tensor, first_query, q_len, torch.float32), groups, store.tokens.shape[1])
+    padding = store.padding(start, stop)
+    if padding is not None:
+        hidden = torch.zeros(padding.shape, dtype=torch.float32, device=padding.device).masked_fill_(padding, HIDDEN)
+        hidden = hidden.unsqueeze(2)
+        bias = hidden if bias is None else bias + hidden
+    return bias
+
+
+def _group_rows(bias: torch.Tensor, groups: int, kv_heads: int) -> torch.Tensor:
+    """A bias [b, 1|kv_heads|query_heads, q, t] (or [q, t]) laid out for queries grouped by KV head:
+    broadcastable to [b, kv_heads, groups * q, t], whose rows run over (group, query)."""
+    if bias.dim() == 2:
+        bias = bias[None, None]
+    batch, heads, q_len, tokens = bias.shape
+    if heads == kv_heads * groups and groups > 1:
+        return bias.reshape(batch, kv_heads, groups * q_len, tokens)
+    if q_len == 1:
+        return bias
+    return bias.unsqueeze(2).expand(batch, heads, groups, q_len, tokens).reshape(batch, heads, groups * q_len, tokens)
 
 
 AttentionInterface.register(NAME, kvcompress_attention)

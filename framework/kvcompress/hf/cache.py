@@ -2,15 +2,16 @@
 
 Each layer keeps, in position order:
     sinks   the first `sinks` tokens, full precision;
-    middle  a PackedState per role (keys, values), the tokens that left the window;
+    middle  a TokenStore per role (keys, values): packed rows in buffers grown geometrically, a token count
+            per (sequence, KV head), positions implicit until tokens are selected (kvcompress.store);
     tail    the most recent tokens, full precision, at least `window` of them.
-Tokens move from the tail into the packed state in whole blocks (LayerCodecs.token_block) as soon as
-that leaves `window` tokens behind; once encoded, the float copy is dropped. Nothing is held twice.
-A layer whose pruners observe the model (LayerCodecs.observes) compresses at the end of the forward
-instead, when the patch hands it what the forward showed (kvcompress.runtime.Observation).
+A forward's new tokens reach the layer once (update() keeps them pending) and attention reads them from its
+arguments; when the forward ends they are stored, and the tail's oldest whole runs beyond `window` tokens
+are encoded and appended to the stores. Nothing is held twice.
 
-update() only stores: attention reads the layer itself (kvcompress.hf.attention), so the cache must be
-used on a model patched by kvcompress.patch / kvcompress.cache_for.
+The layer knows how many tokens it has seen apart from how many it holds, and the position of every held
+token, so sequence lengths, masks and new positions stay right when it holds fewer than it has seen.
+The cache must be used on a model patched by kvcompress.patch / kvcompress.cache_for.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.pipeline import LayerCodecs, build_codecs
 from kvcompress.plugins import Registry
-from kvcompress.runtime import Observation
 from kvcompress.spec import CacheSpec, load_spec, parse_spec
-from kvcompress.state import PackedState, reachable_tensors, storage_nbytes
+from kvcompress.runtime import Observation, Reader
+from kvcompress.state import reachable_tensors, storage_nbytes
+from kvcompress.store import TokenStore
 
 # Layer kinds whose cache is plain per-token keys and values. Sliding-window layers keep every token here
 # (their mask hides the old ones), so the cache stays one kind of layer.
@@ -101,36 +103,50 @@ def model_geometry(config: Any) -> ModelGeometry:
     return ModelGeometry(num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def _owned(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy with its own storage, so no view keeps a larger buffer alive."""
-    return x.clone(memory_format=torch.contiguous_format)
+@dataclass
+class Segment:
+    """A run of a layer's tokens for attention, in position order: full-precision keys/values [batch,
+    kv_heads, tokens, head_dim] at contiguous positions, or the packed middle (the layer's two stores and the
+    reader that reads them together)."""
+
+    positions: range | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    stores: tuple[TokenStore, TokenStore] | None = None
+    reader: Reader | None = None
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One model layer's cache: full-precision sinks and tail around a packed middle."""
+    """One model layer's cache: full-precision sinks and tail around a packed middle held in TokenStores.
+
+    The patch drives it through one forward protocol: begin_forward() (pre-hook), update() hands it the
+    forward's new keys and values (kept pending, returned unchanged), read() gives attention its segments,
+    end_forward() (post-hook) stores the pending tokens: sinks first, then the tail, whose oldest whole runs
+    beyond `window` tokens are encoded and appended to the stores. abort_forward() drops a failed forward.
+    """
 
     is_sliding = False
     is_compileable = False
     # Tokens already encoded cannot be taken back one by one, so crop() works only inside the window.
     is_croppable = False
 
-    def __init__(self, codecs: LayerCodecs, kv_heads: int, head_dim: int):
+    def __init__(self, codecs: LayerCodecs, kv_heads: int, head_dim: int, exact_new_tokens: bool = True):
         super().__init__()
         self.codecs = codecs
         self.kv_heads = kv_heads
         self.head_dim = head_dim
+        self.exact_new_tokens = exact_new_tokens
+        where = f"layer {codecs.layer}"
+        self.key_store = TokenStore(f"{where} keys")
+        self.value_store = TokenStore(f"{where} values")
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
-        self.key_state: PackedState | None = None
-        self.value_state: PackedState | None = None
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
-        self.length = 0
-        # Set by the patch's pre-forward hook on the attention module: an update is only legal inside a
-        # forward whose attention reads this layer (see kvcompress.hf.patch).
-        self.armed = False
-        self.attended = False
-        # What the running forward showed this layer (Observation fields), captured for its pruners.
+        self.seen = 0  # tokens this layer has been given (stored, compressed or evicted), not counting pending
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.in_forward = False
+        self.was_read = False  # attention read the layer in the running forward
         self.observed: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
@@ -145,16 +161,34 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def compressed_tokens(self) -> int:
-        return 0 if self.key_state is None else self.key_state.tokens
+        """Packed tokens of the longest (sequence, head)."""
+        return self.key_store.length
 
     @property
     def tail_tokens(self) -> int:
         return 0 if self.tail_keys is None else self.tail_keys.shape[2]
 
+    @property
+    def observes(self) -> frozenset[str]:
+        """What the patch must capture for this layer (Observation fields)."""
+        return self.codecs.observes
+
+    # ---------------------------------------------------------------------------------------------
+    # the forward protocol
+
+    def begin_forward(self) -> None:
+        """The layer's attention module starts a forward (the patch's pre-forward hook)."""
+        self.in_forward = True
+        self.was_read = False
+        self.pending = None
+
+    def observe(self, name: str, tensor: torch.Tensor) -> None:
+        """Record what the running forward showed this layer (called by the patch and the attention)."""
+        self.observed[name] = tensor
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch = key_states.shape[0]
-        empty = (batch, self.kv_heads, 0, self.head_dim)
+        empty = (key_states.shape[0], self.kv_heads, 0, self.head_dim)
         self.sink_keys = key_states.new_empty(empty)
         self.sink_values = value_states.new_empty(empty)
         self.tail_keys = key_states.new_empty(empty)
@@ -164,9 +198,14 @@ class CompressedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new tokens [batch, kv_heads, n, head_dim]; returns them unchanged (attention reads the layer)."""
-        if not self.armed:
+        """Take the forward's new tokens [batch, kv_heads, n, head_dim]; they are stored when the forward ends.
+        Returns them unchanged: attention reads the layer (read()), the new tokens once, from its arguments."""
+        if not self.in_forward:
             raise KVCompressError(NOT_PATCHED)
+        if self.pending is not None:
+            raise KVCompressError(
+                f"layer {self.codecs.layer}: the cache was updated twice in one forward of the attention module"
+            )
         expected = (self.kv_heads, self.head_dim)
         for role, x in (("keys", key_states), ("values", value_states)):
             if x.dim() != 4 or (x.shape[1], x.shape[3]) != expected:
@@ -176,80 +215,101 @@ class CompressedLayer(CacheLayerMixin):
                 )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = key_states, value_states
-        room = self.codecs.sinks - self.sink_tokens
+        self.pending = (key_states, value_states)
+        return key_states, value_states
+
+    def read(self) -> tuple[list[Segment], int]:
+        """The segments attention reads, in position order, and the position of the forward's first query.
+
+        With exact_new_tokens the forward's own tokens come last, in full precision, from update(); otherwise
+        they are stored first and read back from what the layer holds."""
+        if self.pending is None:
+            raise KVCompressError(f"layer {self.codecs.layer}: attention read the layer before the forward updated it")
+        keys, values = self.pending
+        first_query = self.seen
+        self.was_read = True
+        if not self.exact_new_tokens:
+            self._store_pending()
+        segments = []
+        if self.sink_tokens:
+            segments.append(Segment(range(0, self.sink_tokens), self.sink_keys, self.sink_values))
+        if self.key_store.length:
+            segments.append(Segment(stores=(self.key_store, self.value_store), reader=self.codecs.reader))
+        if self.tail_tokens:
+            segments.append(Segment(range(self.seen - self.tail_tokens, self.seen), self.tail_keys, self.tail_values))
+        if self.exact_new_tokens:
+            segments.append(Segment(range(self.seen, self.seen + keys.shape[2]), keys, values))
+        return segments, first_query
+
+    def abort_forward(self) -> None:
+        """The forward raised: its tokens are not stored, what it captured is dropped."""
+        self.in_forward = False
+        self.pending = None
+        self.observed = {}
+
+    def end_forward(self) -> None:
+        """The layer's attention module finished a forward (the patch's post-forward hook): store its tokens,
+        compressing what leaves the window, with what the forward showed the layer's pruners."""
+        self.in_forward = False
+        if self.pending is not None:
+            if not self.was_read:
+                self.abort_forward()
+                raise KVCompressError(
+                    f"layer {self.codecs.layer} stored tokens in the CompressedCache but its attention was not "
+                    "kvcompress's; do not change the attention implementation of a patched model"
+                )
+            self._store_pending()
+        self.observed = {}
+
+    # ---------------------------------------------------------------------------------------------
+    # storing
+
+    def _store_pending(self) -> None:
+        """Sinks first, then the tail; the tail's oldest whole runs beyond `window` tokens are encoded."""
+        keys, values = self.pending
+        self.pending = None
+        count = keys.shape[2]
+        room = min(self.codecs.sinks - self.sink_tokens, count)
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, keys[:, :, :room]], dim=2)
             self.sink_values = torch.cat([self.sink_values, values[:, :, :room]], dim=2)
             keys, values = keys[:, :, room:], values[:, :, room:]
-        self.tail_keys = torch.cat([self.tail_keys, keys], dim=2)
-        self.tail_values = torch.cat([self.tail_values, values], dim=2)
-        self.length += key_states.shape[2]
-        if not self.codecs.observes:
-            self._compress_overflow()
-        self.attended = False
-        return key_states, value_states
+        if self.tail_tokens:
+            keys = torch.cat([self.tail_keys, keys], dim=2)
+            values = torch.cat([self.tail_values, values], dim=2)
+        first_position = self.seen + count - keys.shape[2]
+        self.seen += count
+        run = self.codecs.run
+        overflow = (keys.shape[2] - self.codecs.window) // run * run
+        if overflow > 0:
+            observation = Observation(**self.observed) if self.observes else None
+            for codec, store, x in ((self.codecs.keys, self.key_store, keys), (self.codecs.values, self.value_store, values)):
+                shared = store.shared if store.layout is not None else None
+                store.append(codec.encode(x[:, :, :overflow], observation, shared), first_position)
+        # An owned copy: no view keeps the forward's (or the old tail's) larger buffer alive.
+        self.tail_keys = keys[:, :, overflow:].clone(memory_format=torch.contiguous_format)
+        self.tail_values = values[:, :, overflow:].clone(memory_format=torch.contiguous_format)
 
-    @property
-    def observes(self) -> frozenset[str]:
-        """What the patch must capture for this layer (Observation fields)."""
-        return self.codecs.observes
-
-    def observe(self, name: str, tensor: torch.Tensor) -> None:
-        """Record what the running forward showed this layer (called by the patch and the attention)."""
-        self.observed[name] = tensor
-
-    def begin_forward(self) -> None:
-        """The layer's attention module starts a forward (the patch's pre-forward hook)."""
-        self.armed = True
-        self.attended = True  # nothing stored yet; update() clears it until the attention reads the layer
-
-    def abort_forward(self) -> None:
-        """The forward raised: what it captured is of no use."""
-        self.armed = False
-        self.observed = {}
-
-    def end_forward(self) -> None:
-        """The layer's attention module finished a forward: a layer whose pruners observe compresses now,
-        with what the forward showed it. Called by the patch's post-forward hook."""
-        self.armed = False
-        if not self.attended:
-            raise KVCompressError(
-                f"layer {self.codecs.layer} stored tokens in the CompressedCache but its attention was not "
-                "kvcompress's; do not change the attention implementation of a patched model"
-            )
-        observed, self.observed = self.observed, {}
-        if self.codecs.observes and self.is_initialized:
-            self._compress_overflow(Observation(**observed))
-
-    def _compress_overflow(self, observation: Observation | None = None) -> None:
-        """Encode the oldest whole blocks of the tail that are not needed to keep `window` tokens."""
-        block = self.codecs.token_block
-        count = (self.tail_tokens - self.codecs.window) // block * block
-        if count <= 0:
-            return
-        new_keys = self.codecs.keys.encode(_owned(self.tail_keys[:, :, :count]), observation, self.key_state)
-        new_values = self.codecs.values.encode(_owned(self.tail_values[:, :, :count]), observation, self.value_state)
-        self.key_state = new_keys if self.key_state is None else self.key_state.cat(new_keys)
-        self.value_state = new_values if self.value_state is None else self.value_state.cat(new_values)
-        self.tail_keys = _owned(self.tail_keys[:, :, count:])
-        self.tail_values = _owned(self.tail_values[:, :, count:])
+    # ---------------------------------------------------------------------------------------------
+    # what transformers asks of a cache layer
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Every token stays addressable (sinks, middle, tail in position order), so the mask spans them all.
-        return self.length + query_length, 0
+        # The mask spans every position seen; attention picks the columns of the tokens it reads.
+        return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         self.sink_keys = self.sink_values = self.tail_keys = self.tail_values = None
-        self.key_state = self.value_state = None
+        self.key_store = TokenStore(self.key_store.name)
+        self.value_store = TokenStore(self.value_store.name)
+        self.pending = None
         self.observed = {}
-        self.length = 0
+        self.seen = 0
         self.is_initialized = False
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -257,9 +317,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
-        if self.key_state is not None:
-            self.key_state = self.key_state.map(fn)
-            self.value_state = self.value_state.map(fn)
+        self.key_store.map_batch(fn)
+        self.value_store.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -268,13 +327,13 @@ class CompressedLayer(CacheLayerMixin):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: _owned(t[indices]))
+        self._map_batch(lambda t: t[indices].clone(memory_format=torch.contiguous_format))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens: a negative count removes that many; a positive one (transformers < 5.18)
         is the length to keep. Only full-precision tokens can be dropped."""
         if tokens_to_remove > 0:
-            tokens_to_remove = min(0, tokens_to_remove - self.length)
+            tokens_to_remove = min(0, tokens_to_remove - self.seen)
         remove = -tokens_to_remove
         if remove == 0 or not self.is_initialized:
             return
@@ -287,19 +346,24 @@ class CompressedLayer(CacheLayerMixin):
         from_tail = min(remove, self.tail_tokens)
         keep_tail = self.tail_tokens - from_tail
         keep_sinks = max(0, self.sink_tokens - (remove - from_tail))
-        self.tail_keys = _owned(self.tail_keys[:, :, :keep_tail])
-        self.tail_values = _owned(self.tail_values[:, :, :keep_tail])
-        self.sink_keys = _owned(self.sink_keys[:, :, :keep_sinks])
-        self.sink_values = _owned(self.sink_values[:, :, :keep_sinks])
-        self.length = max(0, self.length - remove)
+        self.tail_keys = self.tail_keys[:, :, :keep_tail].clone()
+        self.tail_values = self.tail_values[:, :, :keep_tail].clone()
+        self.sink_keys = self.sink_keys[:, :, :keep_sinks].clone()
+        self.sink_values = self.sink_values[:, :, :keep_sinks].clone()
+        self.seen = max(0, self.seen - remove)
+
+    # ---------------------------------------------------------------------------------------------
+    # accounting
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held by this layer: packed keys, packed values, and the full-precision window (sinks + tail)."""
-        window = storage_nbytes(t for t in (self.sink_keys, self.sink_values, self.tail_keys, self.tail_values) if t is not None)
+        """Bytes held by this layer: packed keys and values (buffers with their headroom), the full-precision
+        window (sinks + tail), and the stores' bookkeeping (token counts, explicit positions)."""
+        dense = (self.sink_keys, self.sink_values, self.tail_keys, self.tail_values)
         return {
-            "keys": self.key_state.nbytes() if self.key_state is not None else 0,
-            "values": self.value_state.nbytes() if self.value_state is not None else 0,
-            "window": window,
+            "keys": self.key_store.nbytes(),
+            "values": self.value_store.nbytes(),
+            "window": storage_nbytes(t for t in dense if t is not None),
+            "index": self.key_store.index_nbytes() + self.value_store.index_nbytes(),
         }
 
 
@@ -329,7 +393,7 @@ class CompressedCache(Cache):
         self.geometry = model_geometry(config)
         g = self.geometry
         codecs = build_codecs(self.spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)
-        super().__init__(layers=[CompressedLayer(c, g.kv_heads, g.head_dim) for c in codecs])
+        super().__init__(layers=[CompressedLayer(c, g.kv_heads, g.head_dim, exact_new_tokens) for c in codecs])
 
     def __repr__(self) -> str:
         return f"CompressedCache(spec={self.spec.name!r}, layers={len(self.layers)}, tokens={self.get_seq_length()})"
@@ -348,9 +412,10 @@ class CompressedCache(Cache):
         return storage_nbytes(reachable_tensors([layer.codecs for layer in self.layers]))
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes actually held: packed keys, packed values, full-precision window (sinks + tail, both roles),
-        per-layer constants, and their total."""
-        parts = {"keys": 0, "values": 0, "window": 0}
+        """Bytes actually held: packed keys and values (allocated buffers, headroom included), the
+        full-precision window (sinks + tail, both roles), the stores' index (token counts per head, explicit
+        positions), per-layer constants, and their total."""
+        parts = {"keys": 0, "values": 0, "window": 0, "index": 0}
         for layer in self.layers:
             for name, count in layer.nbytes().items():
                 parts[name] += count
@@ -358,36 +423,39 @@ class CompressedCache(Cache):
         parts["total"] = sum(parts.values())
         return parts
 
-    def _elements(self, tokens: Callable[[CompressedLayer], int]) -> int:
-        batch = max(self.batch_size, 0)
-        return sum(tokens(layer) for layer in self.layers) * batch * self.geometry.kv_heads * self.geometry.head_dim
-
     def compressed_tokens(self) -> int:
-        """Tokens held in packed form, summed over layers."""
+        """Tokens held in packed form, summed over layers (the longest sequence and head of each)."""
         return sum(layer.compressed_tokens for layer in self.layers)
+
+    def _bits(self, roles: tuple[str, ...]) -> float | None:
+        """Bits per element of the packed rows that hold tokens (what the encoding costs; the buffers'
+        headroom is in nbytes(), not here), averaged over `roles` and every layer, sequence and head."""
+        payload = elements = 0
+        for layer in self.layers:
+            for role in roles:
+                store = layer.key_store if role == "keys" else layer.value_store
+                payload += store.payload_nbytes()
+                elements += store.held_tokens() * self.geometry.head_dim
+        return 8 * payload / elements if elements else None
 
     def key_bits(self) -> float | None:
         """Average bits per stored key element over compressed tokens (None before any token is compressed)."""
-        elements = self._elements(lambda layer: layer.compressed_tokens)
-        return 8 * self.nbytes()["keys"] / elements if elements else None
+        return self._bits(("keys",))
 
     def value_bits(self) -> float | None:
         """Average bits per stored value element over compressed tokens (None before any token is compressed)."""
-        elements = self._elements(lambda layer: layer.compressed_tokens)
-        return 8 * self.nbytes()["values"] / elements if elements else None
+        return self._bits(("values",))
 
     def bits_per_element(self) -> float | None:
         """Average bits per key and value element over compressed tokens (None before any is compressed)."""
-        elements = self._elements(lambda layer: layer.compressed_tokens)
-        if not elements:
-            return None
-        held = self.nbytes()
-        return 8 * (held["keys"] + held["values"]) / (2 * elements)
+        return self._bits(("keys", "values"))
 
     def dense_nbytes(self, dtype: torch.dtype = torch.float16) -> int:
         """Bytes an uncompressed cache of `dtype` would hold for the same tokens (both roles, all layers)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * itemsize * self._elements(lambda layer: layer.length)
+        g = self.geometry
+        tokens = sum(layer.seen for layer in self.layers)
+        return 2 * itemsize * tokens * max(self.batch_size, 0) * g.kv_heads * g.head_dim
 
     def summary(self) -> dict[str, Any]:
         """Figures for reports: bytes by part, tokens, bits per element, and the ratio to an fp16 cache."""

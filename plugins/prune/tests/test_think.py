@@ -133,7 +133,7 @@ def test_generate_with_think_stores_half_the_key_channels(arch):
     summary = cache.summary()
     # Half of 16 channels at KIVI-4 with blocks of 8 (8 bits an element): 4 bits, and the channel index.
     assert 4.0 < summary["key_bits"] < 4.2 and summary["value_bits"] == pytest.approx(8.0)
-    assert cache.nbytes()["keys"] == sum(layer.key_state.nbytes() for layer in cache.layers)
+    assert cache.nbytes()["keys"] == sum(layer.key_store.nbytes() for layer in cache.layers)
 
 
 def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
@@ -144,16 +144,16 @@ def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
     cache = kvcompress.cache_for(model, think_spec())
     with torch.no_grad():
         model(ids, past_key_values=cache)
-    channels = cache.layers[0].key_state.shared["channels"]
+    channels = cache.layers[0].key_store.shared["channels"]
     assert torch.equal(channels[0], channels[1])  # same prompt, same choice
     other = torch.randint(0, 128, (2, 24), generator=generator)
     fresh = kvcompress.cache_for(model, think_spec())
     with torch.no_grad():
         model(other, past_key_values=fresh)
-    chosen = fresh.layers[0].key_state.shared["channels"]
+    chosen = fresh.layers[0].key_store.shared["channels"]
     assert not torch.equal(chosen[0], chosen[1])  # different prompts choose apart
     fresh.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(fresh.layers[0].key_state.shared["channels"], chosen.flip(0))
+    assert torch.equal(fresh.layers[0].key_store.shared["channels"], chosen.flip(0))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress_kernels._triton import HAS_TRITON, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import pack_bits_torch, unpack_bits_torch
 
 

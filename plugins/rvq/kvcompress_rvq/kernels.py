@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress_kernels._triton import HAS_TRITON, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import packed_length, unpack_bits_torch
 
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).

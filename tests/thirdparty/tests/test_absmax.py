@@ -33,5 +33,5 @@ def test_keynorm_keeps_the_channels_of_largest_pre_rope_key_energy():
     hook.remove()
     energy = seen["k"].view(1, 16, 2, 16).transpose(1, 2).pow(2).mean(2)
     expected = energy.topk(8, dim=-1).indices.sort(dim=-1).values
-    assert torch.equal(cache.layers[0].key_state.shared["channels"].long(), expected)
+    assert torch.equal(cache.layers[0].key_store.shared["channels"].long(), expected)
     assert cache.key_bits() < 0.6 * (8 + 16 / 8)

@@ -1,0 +1,308 @@
+"""Where one role of one layer keeps its packed tokens: buffers grown geometrically, a token count per head.
+
+For every tensor of the role's PackedState the store holds one buffer [batch, kv_heads, capacity rows, ...],
+filled from row 0. `tokens` [batch, kv_heads] says how many tokens each (sequence, KV head) holds, so heads
+may hold different counts (token eviction with per-head budgets); rows past a head's count are padding.
+
+- Appending writes the new rows after each head's last one: O(rows appended). When the buffers are full
+  they are reallocated `GROWTH` times larger (rounded up to a page of PAGE_TOKENS tokens), so a generation
+  copies each row about 1 / (GROWTH - 1) = 16 times in all (a memcpy of packed bytes), instead of
+  concatenating the whole state at every block (O(tokens^2 / block)).
+- nbytes() is every byte allocated, headroom included: at most 1 - 1 / GROWTH (6 %) of the capacity, plus
+  one page, is headroom; heads holding fewer tokens than the layer's longest are padded to it.
+- Reading is zero-copy: view(start, stop) slices the buffers into a PackedState that estimators read as if
+  it had been encoded in one piece. A GPU kernel reads the buffers with their strides and `tokens`.
+- select() keeps given tokens per head (eviction) and shrinks the buffers to what is kept; positions of
+  the kept tokens are kept too. Batch selection and beam reordering map dim 0.
+
+A tensor whose rows each cover several tokens (a KIVI key group's scale) keeps whole rows: appends and
+selections move tokens in multiples of that many.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvcompress.errors import KVCompressError
+from kvcompress.state import ROW_DIM, PackedState, storage_nbytes
+
+GROWTH = 1.0625
+PAGE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the store learned from the first state appended: tokens per row of each tensor, and what
+    decode needs."""
+
+    tokens_per_row: dict[str, int]
+    head_dim: int
+    dtype: torch.dtype
+    meta: dict[str, int]
+
+    @property
+    def quantum(self) -> int:
+        """Appends and selections move tokens in multiples of this (every tensor's rows stay whole)."""
+        return math.lcm(*self.tokens_per_row.values())
+
+
+class TokenStore:
+    """Packed rows of one role of one layer (see the module docstring)."""
+
+    def __init__(self, name: str = "store"):
+        self.name = name
+        self.layout: Layout | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, torch.Tensor] = {}
+        # [batch, kv_heads] int64; None while empty
+        self.tokens: torch.Tensor | None = None
+        # Absolute positions [batch, kv_heads, capacity] int32, held only once tokens were selected (before
+        # that, the positions are first_position + index, the same for every head).
+        self.positions: torch.Tensor | None = None
+        self.first_position = 0
+        self.capacity = 0  # tokens per (sequence, head) the buffers can hold
+        self.length = 0  # the most tokens any (sequence, head) holds: the extent a reader scans
+        self.uniform = True  # every (sequence, head) holds `length` tokens
+
+    def __repr__(self) -> str:
+        return f"TokenStore({self.name}, length={self.length}, capacity={self.capacity}, uniform={self.uniform})"
+
+    # ---------------------------------------------------------------------------------------------
+    # writing
+
+    def append(self, state: PackedState, first_position: int | None = None) -> None:
+        """Store `state` (the same token count for every sequence and head) after each head's tokens.
+
+        first_position: the absolute position of the state's first token; the positions of appended tokens
+        follow it. Only needed once positions are explicit (after select); otherwise they are implicit.
+        """
+        if self.layout is None:
+            self._initialize(state, first_position or 0)
+        self._check(state)
+        count = state.tokens
+        if count == 0:
+            return
+        if self.uniform:
+            self._reserve(self.length + count)
+            start = self.length
+            for name, buffer in self.buffers.items():
+                per = self.layout.tokens_per_row[name]
+                buffer[:, :, start // per : (start + count) // per] = state.tensors[name]
+            if self.positions is not None:
+                self.positions[:, :, start : start + count] = self._new_positions(count, first_position)
+            self.tokens += count
+            self.length += count
+            return
+        ends = self.tokens + count
+        self._reserve(int(ends.max()))
+        for name, buffer in self.buffers.items():
+            per = self.layout.tokens_per_row[name]
+            rows = state.tensors[name].shape[ROW_DIM]
+            index = (self.tokens // per)[..., None] + torch.arange(rows, device=buffer.device)
+            buffer.scatter_(ROW_DIM, _expand_index(index, buffer), state.tensors[name])
+        index = self.tokens[..., None] + torch.arange(count, device=self.tokens.device)
+        new = self._new_positions(count, first_position).expand(*self.tokens.shape, count)
+        self.positions.scatter_(2, index, new)
+        self.tokens = ends
+        self.length = int(ends.max())
+        self.uniform = bool((ends == self.length).all())
+
+    def _initialize(self, state: PackedState, first_position: int) -> None:
+        per_row = {}
+        for name, tensor in state.tensors.items():
+            rows = tensor.shape[ROW_DIM]
+            if rows == 0 or state.tokens % rows:
+                raise KVCompressError(
+                    f"{self.name}: tensor {name!r} has {rows} rows for {state.tokens} tokens; a packed state's rows "
+                    "must each cover a whole number of tokens"
+                )
+            per_row[name] = state.tokens // rows
+        self.layout = Layout(per_row, state.head_dim, state.dtype, dict(state.meta))
+        self.shared = dict(state.shared)
+        batch, heads = next(iter(state.tensors.values())).shape[:2]
+        device = next(iter(state.tensors.values())).device
+        self.tokens = torch.zeros(batch, heads, dtype=torch.int64, device=device)
+        self.buffers = {
+            name: tensor.new_empty(tensor.shape[:ROW_DIM] + (0,) + tensor.shape[ROW_DIM + 1 :])
+            for name, tensor in state.tensors.items()
+        }
+        self.first_position = first_position
+
+    def _check(self, state: PackedState) -> None:
+        if state.tensors.keys() != self.buffers.keys() or state.head_dim != self.layout.head_dim:
+            raise KVCompressError(f"{self.name}: the state to append comes from another quantizer than the held one")
+        if state.tokens % self.layout.quantum:
+            raise KVCompressError(
+                f"{self.name}: appends must be whole multiples of {self.layout.quantum} tokens, got {state.tokens}"
+            )
+        for name, value in state.shared.items():
+            held = self.shared.get(name)
+            if held is None or not (value is held or torch.equal(value, held)):
+                raise KVCompressError(f"{self.name}: the state to append has another per-sequence {name!r} than the held one")
+
+    def _new_positions(self, count: int, first_position: int | None) -> torch.Tensor:
+        if first_position is None:
+            raise KVCompressError(f"{self.name}: positions are explicit after a selection; append needs first_position")
+        return torch.arange(first_position, first_position + count, dtype=torch.int32, device=self.tokens.device)
+
+    def _reserve(self, tokens: int) -> None:
+        """Make room for `tokens` per (sequence, head): reallocate GROWTH times larger when full."""
+        if tokens <= self.capacity:
+            return
+        self._reallocate(max(tokens, math.ceil(self.capacity * GROWTH)))
+
+    def _reallocate(self, tokens: int) -> None:
+        """Buffers of capacity `tokens` (rounded up to a page), holding the first `length` tokens."""
+        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        capacity = -(-tokens // page) * page
+        for name, buffer in self.buffers.items():
+            per = self.layout.tokens_per_row[name]
+            grown = buffer.new_empty(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
+            used = self.length // per
+            grown[:, :, :used] = buffer[:, :, :used]
+            self.buffers[name] = grown
+        if self.positions is not None:
+            grown = self.positions.new_empty(*self.positions.shape[:2], capacity)
+            grown[..., : self.length] = self.positions[..., : self.length]
+            self.positions = grown
+        self.capacity = capacity
+
+    # ---------------------------------------------------------------------------------------------
+    # selecting
+
+    def select(self, keep: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Keep, per (sequence, head), the tokens at indices keep [batch, kv_heads, n] (ascending; the first
+        counts[b, h] of each row when counts is given, else all n), and free the rest: the buffers shrink to
+        the longest head's count (rounded up to a page).
+
+        Tensors whose rows cover several tokens keep whole rows: the kept indices must come in whole rows.
+        """
+        if self.layout is None:
+            raise KVCompressError(f"{self.name}: nothing is stored, there is nothing to select from")
+        keep = keep.to(device=self.tokens.device, dtype=torch.int64)
+        batch, heads = self.tokens.shape
+        if keep.dim() != 3 or keep.shape[:2] != (batch, heads):
+            raise KVCompressError(f"{self.name}: keep must be [{batch}, {heads}, n] token indices, got {tuple(keep.shape)}")
+        n = keep.shape[2]
+        counts = torch.full_like(self.tokens, n) if counts is None else counts.to(self.tokens)
+        slot = torch.arange(n, device=keep.device)
+        valid = slot < counts[..., None]
+        if n and bool((valid & ((keep < 0) | (keep >= self.tokens[..., None]))).any()):
+            raise KVCompressError(f"{self.name}: keep names tokens a head does not hold")
+        if n > 1 and bool((valid[..., 1:] & (keep[..., 1:] <= keep[..., :-1])).any()):
+            raise KVCompressError(f"{self.name}: keep must list each head's tokens once, in ascending order")
+        quantum = self.layout.quantum
+        if n % quantum or bool((counts % quantum).any()):
+            raise KVCompressError(f"{self.name}: selections keep whole groups of {quantum} tokens")
+        keep = torch.where(valid, keep, 0)
+        positions = self.positions
+        if positions is None:
+            positions = (self.first_position + torch.arange(self.length, device=keep.device, dtype=torch.int32)).expand(
+                batch, heads, self.length
+            )
+        kept_positions = positions.gather(2, keep.to(torch.int64)).to(torch.int32)
+        page = math.lcm(PAGE_TOKENS, quantum)
+        capacity = -(-n // page) * page if n else 0
+        for name, buffer in self.buffers.items():
+            per = self.layout.tokens_per_row[name]
+            rows = keep[..., ::per] // per
+            if per > 1:
+                whole = (rows[..., None] * per + torch.arange(per, device=keep.device)).reshape(batch, heads, n)
+                if not torch.equal(whole[valid], keep[valid]):
+                    raise KVCompressError(f"{self.name}: tensor {name!r} stores one row per {per} tokens; keep whole groups")
+            gathered = buffer.gather(ROW_DIM, _expand_index(rows, buffer))
+            fresh = buffer.new_empty(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
+            fresh[:, :, : n // per] = gathered
+            self.buffers[name] = fresh
+        self.positions = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=keep.device)
+        self.positions[..., :n] = kept_positions
+        self.capacity = capacity
+        self.tokens = counts.clone()
+        self.length = int(counts.max()) if counts.numel() else 0
+        self.uniform = bool((counts == self.length).all())
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply fn to dim 0 of everything held (batch selection, beam reordering, device moves)."""
+        if self.layout is None:
+            return
+        self.buffers = {name: fn(buffer) for name, buffer in self.buffers.items()}
+        self.shared = {name: fn(value) for name, value in self.shared.items()}
+        self.tokens = fn(self.tokens)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        self.length = int(self.tokens.max()) if self.tokens.numel() else 0
+        self.uniform = bool((self.tokens == self.length).all())
+
+    # ---------------------------------------------------------------------------------------------
+    # reading
+
+    def view(self, start: int = 0, stop: int | None = None) -> PackedState:
+        """Tokens [start, stop) of every head as a PackedState of views into the buffers (no copy).
+
+        start and stop are multiples of `layout.quantum` (stop may be `length`)."""
+        stop = self.length if stop is None else stop
+        tensors = {}
+        for name, buffer in self.buffers.items():
+            per = self.layout.tokens_per_row[name]
+            tensors[name] = buffer[:, :, start // per : -(-stop // per)]
+        return PackedState(
+            tensors=tensors,
+            tokens=stop - start,
+            head_dim=self.layout.head_dim,
+            dtype=self.layout.dtype,
+            meta=dict(self.layout.meta),
+            shared=dict(self.shared),
+        )
+
+    def padding(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """bool [batch, kv_heads, stop - start]: True where a head holds no token (None when none is padding)."""
+        stop = self.length if stop is None else stop
+        if self.uniform:
+            return None
+        index = torch.arange(start, stop, device=self.tokens.device)
+        return index >= self.tokens[..., None]
+
+    def token_positions(self, start: int = 0, stop: int | None = None) -> torch.Tensor | range:
+        """Absolute positions of tokens [start, stop): a range while they are implicit (every head alike), else
+        int64 [batch, kv_heads, stop - start]."""
+        stop = self.length if stop is None else stop
+        if self.positions is None:
+            return range(self.first_position + start, self.first_position + stop)
+        return self.positions[..., start:stop].long()
+
+    # ---------------------------------------------------------------------------------------------
+    # accounting
+
+    def nbytes(self) -> int:
+        """Every byte allocated for the packed rows and their per-sequence tensors, headroom included."""
+        return storage_nbytes([*self.buffers.values(), *self.shared.values()])
+
+    def index_nbytes(self) -> int:
+        """Bytes of the bookkeeping: token counts per head, and the positions once they are explicit."""
+        held = [t for t in (self.tokens, self.positions) if t is not None]
+        return storage_nbytes(held)
+
+    def payload_nbytes(self) -> int:
+        """Bytes of the rows that hold tokens (and the per-sequence tensors): what the encoding costs."""
+        if self.layout is None:
+            return 0
+        total = storage_nbytes(self.shared.values())
+        tokens = int(self.tokens.sum())
+        for name, buffer in self.buffers.items():
+            row = buffer[0, 0, :1].numel() * buffer.element_size() if buffer.shape[ROW_DIM] else 0
+            total += tokens // self.layout.tokens_per_row[name] * row
+        return total
+
+    def held_tokens(self) -> int:
+        """Tokens held, summed over sequences and heads."""
+        return 0 if self.tokens is None else int(self.tokens.sum())
+
+
+def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """index [batch, kv_heads, rows] broadcast over a buffer's trailing dims, for gather/scatter on dim 2."""
+    trailing = buffer.shape[ROW_DIM + 1 :]
+    return index.reshape(*index.shape, *([1] * len(trailing))).expand(*index.shape, *trailing)

@@ -1,0 +1,37 @@
+"""Which path a kernel dispatcher takes: Triton for CUDA tensors, the torch reference elsewhere.
+
+KVCOMPRESS_KERNELS=torch forces the torch references everywhere (to compare, or to work around a kernel);
+KVCOMPRESS_KERNELS=triton asks for Triton even where the default would not take it (CPU tensors run under
+TRITON_INTERPRET=1, which is for tests, not speed). Tests call the Triton kernels directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+OVERRIDE_ENV = "KVCOMPRESS_KERNELS"
+CHOICES = ("torch", "triton")
+
+
+def kernel_choice() -> str | None:
+    """The KVCOMPRESS_KERNELS override ('torch' or 'triton'), or None for the default."""
+    value = os.environ.get(OVERRIDE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in CHOICES:
+        raise ValueError(f"{OVERRIDE_ENV}={value!r}: use one of {', '.join(CHOICES)} (or leave it unset)")
+    return value
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton for CUDA tensors, the torch reference elsewhere, unless KVCOMPRESS_KERNELS says otherwise."""
+    choice = kernel_choice()
+    if choice == "torch" or not HAS_TRITON:
+        return False
+    if choice == "triton":
+        return True
+    return all(t.is_cuda for t in tensors)
