@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcompress import get_registry
-from kvcompress.reference import render
+from kvcompress.spec_docs import render
 
 ROOT = Path(__file__).parent.parent
 

@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
 
 def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
     if args.markdown:
-        from kvcompress.reference import render
+        from kvcompress.spec_docs import render
 
         text = render(registry).rstrip("\n")
     else:
