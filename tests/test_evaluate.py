@@ -273,7 +273,7 @@ def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
 
 
 def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     # Whether or not kvcompress-rvq is installed here, blocking it makes "rvq" a method that is not installed.
     monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-rvq")
     kvcompress.set_registry(kvcompress.Registry(strict=True))
@@ -289,7 +289,7 @@ def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_pat
 def test_cli_eval_names_the_package_of_a_missing_method(tmp_path, monkeypatch, capsys):
     from kvcompress.cli import main
 
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-qjl")
     spec = tmp_path / "qjl.yaml"
     spec.write_text("name: q\nkeys:\n  quantizer: {method: qjl}\nvalues:\n  quantizer: {method: float}\n")
@@ -316,7 +316,7 @@ def test_device_choice():
 
 
 def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     spec = tmp_path / "a.json"
     spec.write_text(json.dumps({**FLOAT32_SPEC, "name": "baseline"}))
     with pytest.raises(KVCompressError, match="also used by the baseline row"):
@@ -334,7 +334,7 @@ def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_p
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     return load_model("smollm2")
 

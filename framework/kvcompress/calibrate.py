@@ -145,7 +145,7 @@ def save(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     if args.threads is not None:
         if args.threads < 1:

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(Path(args.json))
     device = resolve_device(args.device)
 
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     model, tokenizer = load_model(args.model)
     model.to(device)

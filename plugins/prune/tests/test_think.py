@@ -164,7 +164,7 @@ def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
 def test_smollm2_think_keeps_the_channels_that_matter(monkeypatch):
     from kvcompress import evaluate
     from kvcompress.evaluate import BASELINE, Protocol, Runner, evaluate_perplexity
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2")
     text, source = evaluate.default_text()
