@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 import kvcompress  # noqa: E402
-from kvcompress import evaluate, needle  # noqa: E402
+from kvcompress.eval import needle, perplexity as evaluate  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
-from kvcompress.evaluate import BASELINE, Protocol, Runner, continuation_nll, evaluate_perplexity  # noqa: E402
+from kvcompress.eval.perplexity import BASELINE, Protocol, Runner, continuation_nll, evaluate_perplexity  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -162,8 +162,8 @@ def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
 
 @pytest.mark.slow
 def test_smollm2_think_keeps_the_channels_that_matter(monkeypatch):
-    from kvcompress import evaluate
-    from kvcompress.evaluate import BASELINE, Protocol, Runner, evaluate_perplexity
+    from kvcompress.eval import perplexity as evaluate
+    from kvcompress.eval.perplexity import BASELINE, Protocol, Runner, evaluate_perplexity
     from kvcompress.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2")

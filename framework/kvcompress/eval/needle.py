@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvcompress.errors import KVCompressError
-from kvcompress.evaluate import Runner, cache_figures, format_table, progress
+from kvcompress.eval.perplexity import Runner, cache_figures, format_table, progress
 
 if TYPE_CHECKING:
     import torch

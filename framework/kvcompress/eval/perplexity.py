@@ -7,7 +7,7 @@ Perplexity protocol (chunked decoding, so the continuation really reads the comp
     3. perplexity = exp(mean NLL over exactly `continuation` tokens).
 The baseline runs the same protocol with a transformers DynamicCache and the model's own attention.
 
-Needle retrieval (--task needle) is in kvcompress.needle.
+Needle retrieval (--task needle) is in kvcompress.eval.needle.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         protocol = Protocol(args.context, args.continuation, args.chunk)
         task_settings: dict[str, Any] = asdict(protocol)
     else:
-        from kvcompress.needle import NeedleSettings
+        from kvcompress.eval.needle import NeedleSettings
 
         needle_settings = NeedleSettings.from_strings(args.lengths, args.depths, args.max_new_tokens, args.seed)
         task_settings = asdict(needle_settings)
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "ppl":
         input_ids = tokenize_text(tokenizer, text, protocol, source)
     else:
-        from kvcompress.needle import build_trials, evaluate_needle, format_needle_table
+        from kvcompress.eval.needle import build_trials, evaluate_needle, format_needle_table
 
         trials = build_trials(tokenizer, text, source, needle_settings)
     runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
