@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibration_text(path: str | None) -> tuple[str, str]:
     """(text, source): the --text file, or Python's pydoc topics (kept apart from eval's license text)."""
-    from kvcompress.eval.perplexity import pydoc_text, read_text
+    from kvcompress.eval.text import pydoc_text, read_text
 
     return read_text(path, default=pydoc_text)
 

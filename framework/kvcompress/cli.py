@@ -15,7 +15,7 @@ from kvcompress.spec import json_schema, load_spec
 
 USAGE_ERRORS = (SpecError, UnknownMethodError, PluginError)
 # Subcommands whose arguments live in heavier modules, imported only when that subcommand runs.
-DELEGATED = {"eval": "kvcompress.eval.perplexity", "calibrate": "kvcompress.calibrate"}
+DELEGATED = {"eval": "kvcompress.eval.command", "calibrate": "kvcompress.calibrate"}
 
 
 def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
