@@ -24,10 +24,10 @@ class EchoPlugin:
 
 
 def test_the_hookspecs_declare_one_collector_per_stage():
-    """kvcompress.hookspecs spells its hooks out (pluggy reads their names and docs from functions); they are
-    exactly the stages' hooks, each returning a list of the stage's descriptor."""
+    """kvcompress.hookspecs spells its hooks out (pluggy reads their names and docs from functions); each
+    stage's hook is among them, returning a list of the stage's descriptor."""
     declared = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "kvcompress_spec")}
-    assert declared == {stage.hook for stage in STAGES.values()}
+    assert {stage.hook for stage in STAGES.values()} <= declared
     for stage in STAGES.values():
         returns = getattr(hookspecs, stage.hook).__annotations__["return"]
         assert returns == f"list[{stage.descriptor.__name__}]", stage.name
