@@ -119,7 +119,7 @@ def test_cli_reports_a_bad_spec_before_loading_a_model(tmp_path, capsys):
 def test_calibrate_the_default_model_and_error_falls_with_depth(tmp_path):
     from kvcompress.calibrate import calibration_text
     from kvcompress.hf.collect import collect_kv
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
     from kvcompress.testing import relative_error
     from kvcompress_rvq.quantizer import Grouping, RVQQuantizer
 

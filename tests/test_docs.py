@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcompress import get_registry
-from kvcompress.reference import render
+from kvcompress.methods import STAGES
+from kvcompress.spec_docs import render
 
 ROOT = Path(__file__).parent.parent
 
@@ -19,3 +20,13 @@ def test_spec_reference_is_current():
 def test_readme_gives_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_docs_name_every_stage_and_its_hook():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"(stages: {', '.join(STAGES)})" in readme
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    for stage in STAGES.values():
+        assert f"| `{stage.hook}` | `{stage.descriptor.__name__}` |" in architecture
+        assert f"| `{stage.hook}` | `{stage.descriptor.__name__}(" in guide

@@ -9,7 +9,8 @@ from typing import Literal
 
 import pytest
 
-from kvcompress import MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl
+from kvcompress import MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl, hookspecs
+from kvcompress.methods import STAGES
 
 
 class EchoSpec(MethodSpec):
@@ -20,6 +21,16 @@ class EchoPlugin:
     @hookimpl
     def kvcompress_quantizers(self):
         return [QuantizerMethod(name="echo", spec=EchoSpec, factory=lambda spec, ctx: None)]
+
+
+def test_the_hookspecs_declare_one_collector_per_stage():
+    """kvcompress.hookspecs spells its hooks out (pluggy reads their names and docs from functions); each
+    stage's hook is among them, returning a list of the stage's descriptor."""
+    declared = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "kvcompress_spec")}
+    assert {stage.hook for stage in STAGES.values()} <= declared
+    for stage in STAGES.values():
+        returns = getattr(hookspecs, stage.hook).__annotations__["return"]
+        assert returns == f"list[{stage.descriptor.__name__}]", stage.name
 
 
 def test_core_methods_are_registered():

@@ -20,7 +20,8 @@ from kvcompress import (
     load_spec,
     parse_spec,
 )
-from kvcompress.spec import json_schema, parse_layer_selection
+from kvcompress.methods import STAGES
+from kvcompress.spec import PipelineOverride, PipelineSpec, json_schema, parse_layer_selection
 
 
 class SketchSpec(MethodSpec):
@@ -73,6 +74,12 @@ BASE = {
     "keys": {"quantizer": {"method": "sketch", "rows": 64}, "estimator": {"method": "sketch-scores"}},
     "values": {"quantizer": {"method": "float"}},
 }
+
+
+def test_pipeline_fields_are_the_stages_in_order():
+    """The pipeline models spell their fields out (for their docs and schema); they must be kvcompress.methods.STAGES."""
+    assert tuple(PipelineSpec.model_fields) == tuple(STAGES)
+    assert tuple(PipelineOverride.model_fields) == tuple(STAGES)
 
 
 def test_valid_spec_dumps_back_to_the_same_content(registry):

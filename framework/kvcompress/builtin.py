@@ -1,4 +1,8 @@
-"""Methods the core provides itself: the decode estimator and the float (uncompressed) quantizer."""
+"""Methods the core provides itself: the decode estimator and the float (uncompressed) quantizer.
+
+This module holds their specs and hook implementations and imports no torch; the objects the factories
+build are in kvcompress.builtin_runtime.
+"""
 
 from __future__ import annotations
 
@@ -25,13 +29,13 @@ class FloatSpec(MethodSpec):
 
 
 def _make_decode(spec: DecodeSpec, ctx: LayerContext):
-    from kvcompress.estimators import DecodeEstimator
+    from kvcompress.builtin_runtime import DecodeEstimator
 
     return DecodeEstimator(ctx.quantizer)
 
 
 def _make_float(spec: FloatSpec, ctx: LayerContext):
-    from kvcompress.estimators import FloatQuantizer
+    from kvcompress.builtin_runtime import FloatQuantizer
 
     return FloatQuantizer(spec.dtype)
 

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibration_text(path: str | None) -> tuple[str, str]:
     """(text, source): the --text file, or Python's pydoc topics (kept apart from eval's license text)."""
-    from kvcompress.evaluate import pydoc_text, read_text
+    from kvcompress.eval.text import pydoc_text, read_text
 
     return read_text(path, default=pydoc_text)
 
@@ -145,7 +145,7 @@ def save(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     if args.threads is not None:
         if args.threads < 1:

@@ -15,7 +15,7 @@ from kvcompress.spec import json_schema, load_spec
 
 USAGE_ERRORS = (SpecError, UnknownMethodError, PluginError)
 # Subcommands whose arguments live in heavier modules, imported only when that subcommand runs.
-DELEGATED = {"eval": "kvcompress.evaluate", "calibrate": "kvcompress.calibrate"}
+DELEGATED = {"eval": "kvcompress.eval.command", "calibrate": "kvcompress.calibrate"}
 
 
 def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
 
 def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
     if args.markdown:
-        from kvcompress.reference import render
+        from kvcompress.spec_docs import render
 
         text = render(registry).rstrip("\n")
     else:

@@ -137,13 +137,28 @@ class ReaderMethod:
         return (not self.keys or keys in self.keys) and (not self.values or values in self.values)
 
 
-# Pipeline stages in the order they run on the tokens to store.
-STAGES: dict[str, type] = {
-    "pruner": PrunerMethod,
-    "transform": TransformMethod,
-    "quantizer": QuantizerMethod,
-    "estimator": EstimatorMethod,
-    "codebook": CodebookMethod,
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a pipeline: its name (the field of a spec's keys/values pipeline), the descriptor class
+    its methods are, and the collector hook of kvcompress.hookspecs that returns them."""
+
+    name: str
+    descriptor: type
+    hook: str
+
+
+# The pipeline stages, in the order they run on the tokens to store: the one list of them. The registry,
+# the spec models, the CLI and docs/specs.md follow it, and tests hold kvcompress.hookspecs and the
+# explicit fields of kvcompress.spec.PipelineSpec equal to it.
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("pruner", PrunerMethod, "kvcompress_pruners"),
+        Stage("transform", TransformMethod, "kvcompress_transforms"),
+        Stage("quantizer", QuantizerMethod, "kvcompress_quantizers"),
+        Stage("estimator", EstimatorMethod, "kvcompress_estimators"),
+        Stage("codebook", CodebookMethod, "kvcompress_codebooks"),
+    )
 }
 
 # Methods this project ships, so an unknown name can say which package to install.
@@ -170,5 +185,6 @@ __all__ = [
     "ReaderMethod",
     "Role",
     "STAGES",
+    "Stage",
     "TransformMethod",
 ]

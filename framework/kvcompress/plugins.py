@@ -17,13 +17,6 @@ from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES, ReaderMetho
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
 CORE_PLUGIN = "kvcompress"
-_HOOKS = {
-    "pruner": "kvcompress_pruners",
-    "quantizer": "kvcompress_quantizers",
-    "estimator": "kvcompress_estimators",
-    "codebook": "kvcompress_codebooks",
-    "transform": "kvcompress_transforms",
-}
 
 
 @dataclass(frozen=True)
@@ -104,16 +97,16 @@ class Registry:
         if self._methods is not None:
             return self._methods
         methods: dict[str, dict[str, Provided]] = {stage: {} for stage in STAGES}
-        for stage, hook_name in _HOOKS.items():
-            caller = getattr(self.pm.hook, hook_name)
+        for stage, record in STAGES.items():
+            caller = getattr(self.pm.hook, record.hook)
             # Call each implementation apart so every descriptor keeps the plugin that gave it.
             for impl in reversed(caller.get_hookimpls()):
                 info = self.plugins[impl.plugin_name]
                 for method in impl.function() or []:
-                    if not isinstance(method, STAGES[stage]):
+                    if not isinstance(method, record.descriptor):
                         raise PluginError(
                             f"plugin {info.name!r} ({info.distribution}) returned {type(method).__name__} from "
-                            f"{hook_name}; expected {STAGES[stage].__name__}"
+                            f"{record.hook}; expected {record.descriptor.__name__}"
                         )
                     if method.name in methods[stage]:
                         other = methods[stage][method.name].plugin

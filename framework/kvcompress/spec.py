@@ -30,6 +30,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The fields of PipelineSpec and PipelineOverride are kvcompress.methods.STAGES, in order: spelled out so that
+# each has its description in the schema and docs/specs.md (tests/test_spec.py holds them equal).
 class PipelineSpec(_Strict):
     """How one role (keys or values) is compressed: the stages run in this order."""
 

@@ -162,14 +162,15 @@ def test_each_sequence_gets_its_own_channels_and_batch_reordering_keeps_them():
 
 @pytest.mark.slow
 def test_smollm2_think_keeps_the_channels_that_matter(monkeypatch):
-    from kvcompress import evaluate
-    from kvcompress.evaluate import BASELINE, Protocol, Runner, evaluate_perplexity
-    from kvcompress.hf.models import load_model
+    from kvcompress.eval.perplexity import Protocol, evaluate_perplexity, tokenize_text
+    from kvcompress.eval.runners import BASELINE, Runner
+    from kvcompress.eval.text import default_text
+    from kvcompress.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2")
-    text, source = evaluate.default_text()
+    text, source = default_text()
     protocol = Protocol(context=512, continuation=64, chunk=16)
-    ids = evaluate.tokenize_text(tokenizer, text, protocol, source)
+    ids = tokenize_text(tokenizer, text, protocol, source)
     spec = kvcompress.parse_spec({
         "name": "think-0.4", "window": 32,
         "keys": {"pruner": {"method": "think", "ratio": 0.4}, "quantizer": {"method": "float"}},

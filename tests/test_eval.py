@@ -1,4 +1,5 @@
-"""`kvcompress eval`: the perplexity protocol, needle retrieval, the command; slow tests on SmolLM2."""
+"""kvcompress.eval (`kvcompress eval`): the perplexity protocol, report tables, needle retrieval, the command;
+slow tests on SmolLM2."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 import kvcompress  # noqa: E402
-from kvcompress import evaluate, needle  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
-from kvcompress.evaluate import BASELINE, Protocol, Runner, continuation_nll, evaluate_perplexity  # noqa: E402
+from kvcompress.eval import command, needle  # noqa: E402
+from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perplexity, tokenize_text  # noqa: E402
+from kvcompress.eval.report import format_table  # noqa: E402
+from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
+from kvcompress.eval.text import default_text  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,7 +38,7 @@ FLOAT32_SPEC = {
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    return evaluate.default_text()[0]
+    return default_text()[0]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +115,13 @@ def test_protocol_rejects_non_positive_counts(field):
 
 def test_text_shorter_than_the_protocol_is_refused(tokenizer):
     with pytest.raises(KVCompressError, match="fewer than --context 60 \\+ --continuation 40 = 100"):
-        evaluate.tokenize_text(tokenizer, "a short text", Protocol(60, 40, 8), "short.txt")
+        tokenize_text(tokenizer, "a short text", Protocol(60, 40, 8), "short.txt")
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_nll_scores_exactly_the_continuation_and_matches_a_manual_dynamic_cache_loop(model, tokenizer, text, chunk):
     protocol = Protocol(context=40, continuation=23, chunk=chunk)
-    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    ids = tokenize_text(tokenizer, text, protocol, "default")
     steps = []
     nll, scored = continuation_nll(model, ids, protocol, DynamicCache(config=model.config), step=lambda: steps.append(1))
     assert scored == 23 and len(steps) == 1 + len(protocol.chunks())
@@ -129,7 +133,7 @@ def test_nll_scores_exactly_the_continuation_and_matches_a_manual_dynamic_cache_
 def test_chunked_nll_equals_one_full_forward_pass(model, tokenizer, text):
     """With a full-precision cache, chunked decoding is only a different schedule of the same computation."""
     protocol = Protocol(context=32, continuation=17, chunk=4)
-    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    ids = tokenize_text(tokenizer, text, protocol, "default")
     nll, _ = continuation_nll(model, ids, protocol, DynamicCache(config=model.config))
     with torch.inference_mode():
         logits = model(input_ids=ids).logits[0, 31:48].float()
@@ -139,7 +143,7 @@ def test_chunked_nll_equals_one_full_forward_pass(model, tokenizer, text):
 
 def test_a_float32_spec_reproduces_the_baseline_and_restores_the_model(model, tokenizer, text):
     protocol = Protocol(context=48, continuation=20, chunk=6)
-    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    ids = tokenize_text(tokenizer, text, protocol, "default")
     spec = kvcompress.parse_spec(FLOAT32_SPEC)
     attention_before = model.config._attn_implementation
     rows = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("float32", spec)])
@@ -163,7 +167,7 @@ def test_a_float32_spec_reproduces_the_baseline_and_restores_the_model(model, to
 
 def test_format_table_aligns_columns():
     rows = [{"name": "baseline", "ppl": 21.3141, "bits": None}, {"name": "kivi-4-long", "ppl": 3.0, "bits": 5.0}]
-    table = evaluate.format_table(rows, [("spec", "name", "{}"), ("ppl", "ppl", "{:.2f}"), ("bits", "bits", "{:.1f}")])
+    table = format_table(rows, [("spec", "name", "{}"), ("ppl", "ppl", "{:.2f}"), ("bits", "bits", "{:.1f}")])
     lines = table.splitlines()
     assert lines[0].split() == ["spec", "ppl", "bits"]
     assert lines[1].split() == ["baseline", "21.31", "-"] and lines[2].split() == ["kivi-4-long", "3.00", "5.0"]
@@ -240,7 +244,7 @@ def test_needle_rows_report_accuracy_for_the_same_trials(model, tokenizer, text)
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
+    command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -250,7 +254,7 @@ def test_eval_writes_the_table_and_json(model_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
     args = parse([str(spec), "--model", str(model_dir), "--context", "40", "--continuation", "12", "--chunk", "5",
                   "--json", str(out)])
-    assert evaluate.run(args) == 0
+    assert command.run(args) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[:2] == ["spec", "bits/elem"] and "float32" in printed
     written = json.loads(out.read_text())
@@ -267,14 +271,14 @@ def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "needle.json"
     args = parse(["--task", "needle", "--model", str(model_dir), "--lengths", "32", "--depths", "0.5",
                   "--max-new-tokens", "3", "--json", str(out)])
-    assert evaluate.run(args) == 0
+    assert command.run(args) == 0
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["name"] == BASELINE and rows[0]["trials"] == 1
     assert "accuracy" in capsys.readouterr().out
 
 
 def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     # Whether or not kvcompress-rvq is installed here, blocking it makes "rvq" a method that is not installed.
     monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-rvq")
     kvcompress.set_registry(kvcompress.Registry(strict=True))
@@ -282,7 +286,7 @@ def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_pat
         spec = tmp_path / "rvq.yaml"
         spec.write_text("name: m\nkeys:\n  quantizer: {method: rvq}\nvalues:\n  quantizer: {method: float}\n")
         with pytest.raises(SpecError, match="keys.quantizer.method: .*pip install kvcompress-rvq"):
-            evaluate.run(parse([str(spec)]))
+            command.run(parse([str(spec)]))
     finally:
         kvcompress.set_registry(None)
 
@@ -290,7 +294,7 @@ def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_pat
 def test_cli_eval_names_the_package_of_a_missing_method(tmp_path, monkeypatch, capsys):
     from kvcompress.cli import main
 
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     monkeypatch.setenv("KVCOMPRESS_DISABLE_PLUGINS", "kvcompress-qjl")
     spec = tmp_path / "qjl.yaml"
     spec.write_text("name: q\nkeys:\n  quantizer: {method: qjl}\nvalues:\n  quantizer: {method: float}\n")
@@ -299,34 +303,34 @@ def test_cli_eval_names_the_package_of_a_missing_method(tmp_path, monkeypatch, c
 
 
 def test_a_spec_that_does_not_fit_the_model_fails_before_any_measurement(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "evaluate_perplexity", lambda *a: pytest.fail("measurement started"))
+    monkeypatch.setattr(command, "evaluate_perplexity", lambda *a: pytest.fail("measurement started"))
     spec = tmp_path / "deep.json"
     spec.write_text(json.dumps({**FLOAT32_SPEC, "layers": {"5": {"window": 8}}}))
     with pytest.raises(SpecError, match="selects layer 5, but the model has 2 layers"):
-        evaluate.run(parse([str(spec), "--model", str(model_dir)]))
+        command.run(parse([str(spec), "--model", str(model_dir)]))
 
 
 def test_device_choice():
-    assert evaluate.resolve_device("cpu") == torch.device("cpu")
-    assert evaluate.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert command.resolve_device("cpu") == torch.device("cpu")
+    assert command.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(KVCompressError, match="not a torch device"):
-        evaluate.resolve_device("abacus")
+        command.resolve_device("abacus")
     if not torch.cuda.is_available():
         with pytest.raises(KVCompressError, match="no CUDA device"):
-            evaluate.resolve_device("cuda")
+            command.resolve_device("cuda")
 
 
 def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvcompress.hf.models.load_model", lambda name: pytest.fail("model loaded"))
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
     spec = tmp_path / "a.json"
     spec.write_text(json.dumps({**FLOAT32_SPEC, "name": "baseline"}))
     with pytest.raises(KVCompressError, match="also used by the baseline row"):
-        evaluate.run(parse([str(spec)]))
+        command.run(parse([str(spec)]))
     spec.write_text(json.dumps(FLOAT32_SPEC))
     with pytest.raises(KVCompressError, match="--text .*cannot read"):
-        evaluate.run(parse([str(spec), "--text", str(tmp_path / "nope.txt")]))
+        command.run(parse([str(spec), "--text", str(tmp_path / "nope.txt")]))
     with pytest.raises(KVCompressError, match="--json .*does not exist"):
-        evaluate.run(parse([str(spec), "--json", str(tmp_path / "no" / "out.json")]))
+        command.run(parse([str(spec), "--json", str(tmp_path / "no" / "out.json")]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,7 +339,7 @@ def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_p
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     return load_model("smollm2")
 
@@ -345,7 +349,7 @@ def test_smollm2_baseline_equals_a_plain_dynamic_cache_run_and_kivi4_stays_close
     model, tokenizer = smollm2
     pytest.importorskip("kvcompress_scalar")
     protocol = Protocol(context=1024, continuation=256, chunk=16)
-    ids = evaluate.tokenize_text(tokenizer, text, protocol, "default")
+    ids = tokenize_text(tokenizer, text, protocol, "default")
     kivi4 = kvcompress.load_spec("specs/kivi-4.yaml")
     baseline, compressed = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("kivi-4", kivi4)])
     manual, count = manual_dynamic_cache_nll(model, ids, 1024, 256, 16)

@@ -73,10 +73,9 @@ def render(registry: Registry) -> str:
     out += _fields_table(PipelineSpec)
     out += ["", "## Layer overrides: `layers`", "", " ".join((LayerOverride.__doc__ or "").split()), ""]
     out += _fields_table(LayerOverride)
-    titles = {"pruner": "Pruners", "transform": "Transforms", "quantizer": "Quantizers", "estimator": "Estimators", "codebook": "Codebooks"}
     for stage in STAGES:
         provided = registry.provided(stage)
-        out += ["", f"## {titles[stage]}"]
+        out += ["", f"## {stage.capitalize()}s"]
         if not provided:
             out += ["", "None installed."]
         for name, item in sorted(provided.items()):

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvcompress.errors import KVCompressError
-from kvcompress.evaluate import Runner, cache_figures, format_table, progress
+from kvcompress.eval.footprint import cache_figures
+from kvcompress.eval.report import format_table, progress
+from kvcompress.eval.runners import Runner
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,5 @@
-"""Runtime objects of the core's own methods."""
+"""The runtime objects of the core's own methods (kvcompress.builtin holds their specs and hook
+implementations, and stays light: this module imports torch, and loads only when a factory runs)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,115 @@
+"""The `kvcompress eval` command: its arguments, the checks that run before the model loads, and the run.
+
+The tasks are kvcompress.eval.perplexity (the default) and kvcompress.eval.needle (--task needle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvcompress.errors import KVCompressError
+from kvcompress.eval.perplexity import Protocol, evaluate_perplexity, format_perplexity_table, tokenize_text
+from kvcompress.eval.report import format_footer, run_header
+from kvcompress.eval.runners import BASELINE, Runner, check_runners
+from kvcompress.eval.text import read_text
+from kvcompress.spec import CacheSpec, load_spec
+
+if TYPE_CHECKING:
+    import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `kvcompress eval`."""
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="spec files to evaluate (none: baseline only)")
+    parser.add_argument("--task", choices=("ppl", "needle"), default="ppl", help="perplexity (default) or needle retrieval")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
+    parser.add_argument("--text", metavar="FILE", help="UTF-8 text to read (default: a license text from the system)")
+    parser.add_argument("--context", type=int, default=1024, help="ppl: tokens prefilled into the cache (default 1024)")
+    parser.add_argument("--continuation", type=int, default=256, help="ppl: tokens scored after the context (default 256)")
+    parser.add_argument("--chunk", type=int, default=16, help="ppl: continuation tokens fed per forward pass (default 16)")
+    parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens, comma-separated")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="needle: tokens generated for the answer (default 32: SmolLM2 spends one token per digit)")
+    parser.add_argument("--seed", type=int, default=0, help="needle: seed of the hidden numbers")
+    parser.add_argument("--device", default="auto", help="torch device to run on (default: cuda when available, else cpu)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `kvcompress eval`; returns the exit status."""
+    # Everything that can be wrong with the command line fails here, before the model loads.
+    specs = [load_spec(path) for path in args.specs]
+    _check_unique_names(specs)
+    text, source = read_text(args.text)
+    if args.task == "ppl":
+        protocol = Protocol(args.context, args.continuation, args.chunk)
+        task_settings: dict[str, Any] = asdict(protocol)
+    else:
+        from kvcompress.eval.needle import NeedleSettings
+
+        needle_settings = NeedleSettings.from_strings(args.lengths, args.depths, args.max_new_tokens, args.seed)
+        task_settings = asdict(needle_settings)
+    if args.json:
+        _check_writable(Path(args.json))
+    device = resolve_device(args.device)
+
+    from kvcompress.hf.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    model.to(device)
+    # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.
+    if args.task == "ppl":
+        input_ids = tokenize_text(tokenizer, text, protocol, source)
+    else:
+        from kvcompress.eval.needle import build_trials, evaluate_needle, format_needle_table
+
+        trials = build_trials(tokenizer, text, source, needle_settings)
+    runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
+    check_runners(model, runners)
+    header = run_header(args.model, model, source, args.task, task_settings)
+    if args.task == "ppl":
+        rows = evaluate_perplexity(model, input_ids, protocol, runners)
+        print(format_perplexity_table(rows))
+    else:
+        rows = evaluate_needle(model, tokenizer, trials, runners, needle_settings)
+        print(format_needle_table(rows, needle_settings))
+    print(format_footer(header))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def resolve_device(name: str) -> "torch.device":
+    """--device: "auto" is cuda when torch sees a GPU, else cpu; anything else must be a device torch accepts."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KVCompressError(f"--device {name!r}: not a torch device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KVCompressError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def _check_unique_names(specs: list[CacheSpec]) -> None:
+    seen: dict[str, str | None] = {BASELINE: None}
+    for spec in specs:
+        if spec.name in seen:
+            other = "the baseline row" if spec.name == BASELINE else seen[spec.name]
+            raise KVCompressError(
+                f"{spec.source}: spec name {spec.name!r} is also used by {other}; give each spec a distinct name"
+            )
+        seen[spec.name] = spec.source
+
+
+def _check_writable(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise KVCompressError(f"--json {path}: the directory {path.parent} does not exist")

@@ -1,0 +1,144 @@
+"""Perplexity of the continuation of a text, read through a cache (`kvcompress eval`, the default task).
+
+Protocol (chunked decoding, so the continuation really reads the compressed cache):
+    1. prefill the first `context` tokens through the cache; its last logit predicts continuation token 0;
+    2. feed continuation tokens 0 .. continuation-2 in chunks of `chunk`; each chunk attends to the cache of
+       everything before it, and its logits predict the next tokens;
+    3. perplexity = exp(mean NLL over exactly `continuation` tokens).
+The baseline runs the same protocol with a transformers DynamicCache and the model's own attention.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from kvcompress.errors import KVCompressError
+from kvcompress.eval.footprint import cache_figures
+from kvcompress.eval.report import format_table, progress
+from kvcompress.eval.runners import Runner
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Token counts of one perplexity run."""
+
+    context: int
+    continuation: int
+    chunk: int
+
+    def __post_init__(self) -> None:
+        for name in ("context", "continuation", "chunk"):
+            if getattr(self, name) < 1:
+                raise KVCompressError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of text the protocol reads (the last one is only predicted, never fed)."""
+        return self.context + self.continuation
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """[start, stop) positions of the chunks fed after the prefill: continuation tokens 0 .. continuation-2."""
+        fed_stop = self.context + self.continuation - 1
+        return [(start, min(start + self.chunk, fed_stop)) for start in range(self.context, fed_stop, self.chunk)]
+
+
+def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) -> "torch.Tensor":
+    """The first protocol.tokens tokens of `text` as input ids [1, tokens], or an error if it is too short."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < protocol.tokens:
+        raise KVCompressError(
+            f"the text ({source}) has {len(ids)} tokens, fewer than --context {protocol.context} + --continuation "
+            f"{protocol.continuation} = {protocol.tokens}; pass a longer --text FILE or smaller counts"
+        )
+    return torch.tensor([ids[: protocol.tokens]], dtype=torch.long)
+
+
+def continuation_nll(
+    model: Any,
+    input_ids: "torch.Tensor",
+    protocol: Protocol,
+    cache: Any,
+    step: Callable[[], None] | None = None,
+) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of the continuation, fed through `cache` in chunks.
+
+    `step` is called after the prefill and after every chunk (progress reporting).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if input_ids.shape != (1, protocol.tokens):
+        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(model.device)
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
+    scored = 0
+    with torch.inference_mode():
+        out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        target = input_ids[:, protocol.context : protocol.context + 1]
+        total += F.cross_entropy(out.logits[0, -1:].float(), target[0], reduction="sum").double()
+        scored += 1
+        if step is not None:
+            step()
+        for start, stop in protocol.chunks():
+            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+            targets = input_ids[0, start + 1 : stop + 1]
+            total += F.cross_entropy(out.logits[0].float(), targets, reduction="sum").double()
+            scored += targets.numel()
+            if step is not None:
+                step()
+    return total.item(), scored
+
+
+def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:
+    """One result row per runner; the first runner must be the baseline, whose perplexity the others compare to."""
+    steps_per_run = 1 + len(protocol.chunks())
+    rows: list[dict[str, Any]] = []
+    with progress(total=steps_per_run * len(runners), desc="perplexity") as bar:
+        for runner in runners:
+            bar.set_postfix_str(runner.name)
+            with runner.session(model) as new_cache:
+                started = time.perf_counter()
+                cache = new_cache()
+                nll, scored = continuation_nll(model, input_ids, protocol, cache, step=lambda: bar.update(1))
+                seconds = time.perf_counter() - started
+                figures = cache_figures(model, cache)
+            ppl = math.exp(nll / scored)
+            baseline_ppl = rows[0]["ppl"] if rows else ppl
+            rows.append({
+                "name": runner.name,
+                "source": runner.spec.source if runner.spec is not None else None,
+                **{k: figures[k] for k in ("bits_per_element", "key_bits", "value_bits")},
+                "ppl": ppl,
+                "baseline_ppl": baseline_ppl,
+                "delta_pct": 100 * (ppl - baseline_ppl) / baseline_ppl,
+                "cache_bytes": figures["cache_bytes"],
+                "fp16_bytes": figures["fp16_bytes"],
+                "seconds": seconds,
+                "tokens_scored": scored,
+            })
+    return rows
+
+
+def format_perplexity_table(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        ("spec", "name", "{}"),
+        ("bits/elem", "bits_per_element", "{:.3f}"),
+        ("key bits", "key_bits", "{:.3f}"),
+        ("val bits", "value_bits", "{:.3f}"),
+        ("ppl", "ppl", "{:.3f}"),
+        ("baseline", "baseline_ppl", "{:.3f}"),
+        ("delta %", "delta_pct", "{:+.2f}"),
+        ("cache KiB", "cache_bytes", "{:.1f}"),
+        ("fp16 KiB", "fp16_bytes", "{:.1f}"),
+        ("seconds", "seconds", "{:.1f}"),
+    ]
+    scale = {"cache_bytes": 1 / 1024, "fp16_bytes": 1 / 1024}
+    return format_table(rows, columns, scale)
