@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pluggy
 
-from kvcompress.methods import CodebookMethod, EstimatorMethod, PrunerMethod, QuantizerMethod, TransformMethod
+from kvcompress.methods import (
+    CodebookMethod,
+    EstimatorMethod,
+    ModelAdapter,
+    PrunerMethod,
+    QuantizerMethod,
+    TransformMethod,
+)
 
 PROJECT = "kvcompress"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -80,4 +87,23 @@ def kvcompress_pruners() -> list[PrunerMethod]:
         def kvcompress_pruners():
             return [PrunerMethod(name="think", spec=ThinKSpec, factory=make_think,
                                  roles=frozenset({"keys"}), observes=frozenset({"queries"}))]
+    """
+
+
+@hookspec
+def kvcompress_model_adapters() -> list[ModelAdapter]:
+    """Model adapters: how kvcompress.patch finds the attention modules of an architecture, captures its keys
+    before RoPE and applies its RoPE. Adapters are chosen by the model's config.model_type, never named in
+    spec files. `load` is called on first use; the adapter's module imports transformers, this one must not.
+
+    Example::
+
+        def load_neox():
+            from kvcompress_absmax.neox import GPTNeoXAdapter
+
+            return GPTNeoXAdapter()
+
+        @hookimpl
+        def kvcompress_model_adapters():
+            return [ModelAdapter(name="gpt-neox", model_types=frozenset({"gpt_neox"}), load=load_neox)]
     """
