@@ -1,7 +1,9 @@
 """Descriptors that plugins return from the collector hooks, and the context factories receive.
 
 Plugins import only this module, kvcompress.runtime, kvcompress.state and kvcompress.spec_base;
-never transformers.
+never transformers. The one exception is the module behind a ModelAdapter's `load`, which knows a
+transformers architecture and may import transformers and kvcompress.hf (it loads only when such a model
+is patched).
 """
 
 from __future__ import annotations
