@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import kvcompress
 from kvcompress import MethodSpec, PrunerMethod, Registry, hookimpl
 from kvcompress.errors import KVCompressError, PluginError, UnsupportedModelError
-from kvcompress.hf import patch as patch_module
+from kvcompress.hf.adapters import SeparateProjectionAdapter
 from kvcompress.runtime import ChannelPruner, Observation
 from kvcompress.testing import ARCHITECTURES, make_codec
 
@@ -145,8 +145,8 @@ def test_capture_is_skipped_for_specs_that_observe_nothing(make_model, make_floa
 
 def test_a_model_without_key_projection_is_refused_for_pre_rope_keys(make_model, registry, monkeypatch):
     model = make_model("llama")
-    monkeypatch.setattr(patch_module, "key_projection", lambda module: None)
-    with pytest.raises(UnsupportedModelError, match="has no k_proj submodule"):
+    monkeypatch.setattr(SeparateProjectionAdapter, "pre_rope_keys", lambda self, module: None)
+    with pytest.raises(UnsupportedModelError, match="layer 0: .* SeparateProjectionAdapter cannot capture them from LlamaAttention"):
         kvcompress.cache_for(model, probe_spec(), registry=registry)
 
 

@@ -23,6 +23,8 @@ def test_plugins_json_lists_each_distribution_with_its_methods():
     assert result.returncode == 0
     rows = {row["distribution"]: row for row in json.loads(result.stdout)}
     assert rows["kvcompress"]["methods"] == {"quantizer": ["float"], "estimator": ["decode"]}
+    assert {"llama", "qwen3", "gemma3_text"} <= set(rows["kvcompress"]["adapters"]["separate-projections"])
+    assert rows["kvcompress-scalar"]["adapters"] == {}
     assert rows["kvcompress-scalar"]["error"] is None
     assert "scalar" in rows["kvcompress-scalar"]["methods"]["quantizer"]
     assert all(row["version"] for row in rows.values())

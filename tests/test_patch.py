@@ -10,11 +10,11 @@ import torch
 
 import kvcompress
 from kvcompress.hf import attention
-from kvcompress.hf.patch import attention_modules
+from kvcompress.hf.adapters import model_adapter
 
 
 def hook_counts(model) -> tuple[int, int]:
-    modules = attention_modules(model, kvcompress.hf.cache.model_geometry(model.config))
+    modules = model_adapter(model).attention_modules(model, kvcompress.hf.cache.model_geometry(model.config))
     return sum(len(m._forward_pre_hooks) for m in modules), sum(len(m._forward_hooks) for m in modules)
 
 

@@ -37,6 +37,7 @@ def test_cli_lists_the_installed_plugin(site):
     assert result.returncode == 0, result.stderr
     rows = {row["distribution"]: row for row in json.loads(result.stdout)}
     assert rows["kvcompress-absmax"]["methods"] == {"pruner": ["keynorm"], "quantizer": ["absmax"]}
+    assert rows["kvcompress-absmax"]["adapters"] == {"gpt-neox": ["gpt_neox"]}
 
 
 def test_spec_using_the_plugin_validates_and_round_trips(site, tmp_path):

@@ -1,4 +1,5 @@
-"""Methods the core provides itself: the decode estimator and the float (uncompressed) quantizer.
+"""What the core provides itself: the decode estimator, the float (uncompressed) quantizer, and the model
+adapter for the architectures kvcompress is tested on (kvcompress.hf.adapters, loaded when a model is patched).
 
 This module holds their specs and hook implementations and imports no torch; the objects the factories
 build are in kvcompress.builtin_runtime.
@@ -11,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from kvcompress.hookspecs import hookimpl
-from kvcompress.methods import EstimatorMethod, LayerContext, QuantizerMethod
+from kvcompress.methods import EstimatorMethod, LayerContext, ModelAdapter, QuantizerMethod
 from kvcompress.spec_base import MethodSpec
 
 
@@ -48,3 +49,21 @@ def kvcompress_estimators() -> list[EstimatorMethod]:
 @hookimpl
 def kvcompress_quantizers() -> list[QuantizerMethod]:
     return [QuantizerMethod(name="float", spec=FloatSpec, factory=_make_float, description=FloatSpec.__doc__)]
+
+
+def _load_separate_projection_adapter():
+    from kvcompress.hf.adapters import SeparateProjectionAdapter
+
+    return SeparateProjectionAdapter()
+
+
+@hookimpl
+def kvcompress_model_adapters() -> list[ModelAdapter]:
+    return [
+        ModelAdapter(
+            name="separate-projections",
+            model_types=frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text"}),
+            load=_load_separate_projection_adapter,
+            description="decoders with a separate k_proj (and optional k_norm) and a rotary_emb module",
+        )
+    ]

@@ -13,6 +13,7 @@ import pluggy
 from kvcompress.methods import (
     CodebookMethod,
     EstimatorMethod,
+    ModelAdapter,
     PrunerMethod,
     QuantizerMethod,
     ReaderMethod,
@@ -102,4 +103,23 @@ def kvcompress_readers() -> list[ReaderMethod]:
         def kvcompress_readers():
             return [ReaderMethod(name="kivi-fused", factory=make_reader,
                                  keys=frozenset({"scalar"}), values=frozenset({"scalar"}))]
+    """
+
+
+@hookspec
+def kvcompress_model_adapters() -> list[ModelAdapter]:
+    """Model adapters: how kvcompress.patch finds the attention modules of an architecture, captures its keys
+    before RoPE and applies its RoPE. Adapters are chosen by the model's config.model_type, never named in
+    spec files. `load` is called on first use; the adapter's module imports transformers, this one must not.
+
+    Example::
+
+        def load_neox():
+            from kvcompress_absmax.neox import GPTNeoXAdapter
+
+            return GPTNeoXAdapter()
+
+        @hookimpl
+        def kvcompress_model_adapters():
+            return [ModelAdapter(name="gpt-neox", model_types=frozenset({"gpt_neox"}), load=load_neox)]
     """

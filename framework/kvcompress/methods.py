@@ -1,7 +1,9 @@
 """Descriptors that plugins return from the collector hooks, and the context factories receive.
 
 Plugins import only this module, kvcompress.runtime, kvcompress.state and kvcompress.spec_base;
-never transformers.
+never transformers. The one exception is the module behind a ModelAdapter's `load`, which knows a
+transformers architecture and may import transformers and kvcompress.hf (it loads only when such a model
+is patched).
 """
 
 from __future__ import annotations
@@ -118,6 +120,34 @@ class PrunerMethod:
 
 
 @dataclass(frozen=True)
+class ModelAdapter:
+    """How kvcompress.patch handles an architecture: the only plugin code that knows transformers models.
+
+    model_types: the `model_type` values of the (text) configs it handles, e.g. {"llama", "mistral"}; each
+    model type has one adapter across every installed plugin.
+    load() -> the adapter object. It is called when a model of one of those types is patched, so the module
+    that implements the object (and imports torch and transformers) loads only then; a plugin's hook module
+    names it without importing it. The object has (kvcompress.hf.adapters.Adapter is a base class giving
+    defaults for all but pre_rope_keys):
+
+        attention_modules(model, geometry) -> [module]    the attention module of each layer, in layer order
+        pre_rope_keys(module) -> (submodule, read) | None  where the keys before RoPE can be captured: a forward
+            hook on `submodule` calls read(module, output, head_dim) -> [batch, kv_heads, tokens, head_dim];
+            None when this architecture cannot show them (specs observing pre_rope_keys are then refused)
+        apply_rope(model, layer, keys, positions) -> keys  rotate pre-RoPE keys [batch, kv_heads, tokens,
+            head_dim] at absolute positions ([tokens] or [batch, tokens]) as the model does before its cache
+        unsupported_kwargs: {name: what it is}            attention kwargs whose math kvcompress lacks
+
+    description: one line for `kvcompress plugins`.
+    """
+
+    name: str
+    model_types: frozenset[str]
+    load: Callable[[], Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class ReaderMethod:
     """A layer-level reader: factory(codecs, ctx) -> kvcompress.runtime.Reader, for layers whose keys and values
     are stored by the named quantizer methods (the pair a fused kernel reads in one pass).
@@ -178,6 +208,7 @@ __all__ = [
     "EstimatorMethod",
     "KNOWN_PROVIDERS",
     "LayerContext",
+    "ModelAdapter",
     "OBSERVABLES",
     "PrunerMethod",
     "QuantizerMethod",

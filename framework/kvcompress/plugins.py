@@ -11,12 +11,13 @@ from typing import Any
 import pluggy
 
 from kvcompress import hookspecs
-from kvcompress.errors import PluginError, UnknownMethodError
-from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES, ReaderMethod
+from kvcompress.errors import PluginError, UnknownMethodError, UnsupportedModelError
+from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES, ModelAdapter, ReaderMethod
 
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
 CORE_PLUGIN = "kvcompress"
+ADAPTER_HOOK = "kvcompress_model_adapters"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def disabled_plugins() -> set[str]:
 
 
 class Registry:
-    """Methods by stage and name, built from every registered plugin.
+    """Methods by stage and name, and model adapters by name, built from every registered plugin.
 
     strict=True (library default): a plugin that fails to import raises PluginError.
     strict=False (the CLI): it is recorded in `failed` and skipped; the caller reports it.
@@ -55,6 +56,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.failed: list[PluginInfo] = []
         self._methods: dict[str, dict[str, Provided]] | None = None
+        self._adapters: dict[str, Provided] | None = None
         self._readers: list[Provided] | None = None
         from kvcompress import builtin
 
@@ -90,40 +92,84 @@ class Registry:
             raise PluginError(f"a plugin named {info.name!r} is already registered ({self.plugins[info.name].distribution})")
         self.pm.register(plugin, name=info.name)
         self.plugins[info.name] = info
-        self._methods = None
-        self._readers = None
+        self._methods = self._adapters = self._readers = None
+
+    def _results(self, hook_name: str, expected: type):
+        """(descriptor, plugin) for everything the implementations of `hook_name` return, each descriptor with
+        the plugin that gave it (the implementations are called apart), checked to be an `expected`."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            info = self.plugins[impl.plugin_name]
+            for descriptor in impl.function() or []:
+                if not isinstance(descriptor, expected):
+                    raise PluginError(
+                        f"plugin {info.name!r} ({info.distribution}) returned {type(descriptor).__name__} from "
+                        f"{hook_name}; expected {expected.__name__}"
+                    )
+                yield descriptor, info
 
     def _collect(self) -> dict[str, dict[str, Provided]]:
         if self._methods is not None:
             return self._methods
         methods: dict[str, dict[str, Provided]] = {stage: {} for stage in STAGES}
         for stage, record in STAGES.items():
-            caller = getattr(self.pm.hook, record.hook)
-            # Call each implementation apart so every descriptor keeps the plugin that gave it.
-            for impl in reversed(caller.get_hookimpls()):
-                info = self.plugins[impl.plugin_name]
-                for method in impl.function() or []:
-                    if not isinstance(method, record.descriptor):
-                        raise PluginError(
-                            f"plugin {info.name!r} ({info.distribution}) returned {type(method).__name__} from "
-                            f"{record.hook}; expected {record.descriptor.__name__}"
-                        )
-                    if method.name in methods[stage]:
-                        other = methods[stage][method.name].plugin
-                        raise PluginError(
-                            f"{stage} {method.name!r} is provided twice: by {other.distribution} (plugin "
-                            f"{other.name!r}) and by {info.distribution} (plugin {info.name!r}). Uninstall one, "
-                            f"or block one with {DISABLE_ENV}."
-                        )
-                    unknown = set(getattr(method, "observes", ())) - set(OBSERVABLES)
-                    if unknown:
-                        raise PluginError(
-                            f"plugin {info.name!r} ({info.distribution}): {stage} {method.name!r} observes "
-                            f"{', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}"
-                        )
-                    methods[stage][method.name] = Provided(method, info)
+            for method, info in self._results(record.hook, record.descriptor):
+                if method.name in methods[stage]:
+                    raise PluginError(_provided_twice(f"{stage} {method.name!r}", methods[stage][method.name].plugin, info))
+                unknown = set(getattr(method, "observes", ())) - set(OBSERVABLES)
+                if unknown:
+                    raise PluginError(
+                        f"plugin {info.name!r} ({info.distribution}): {stage} {method.name!r} observes "
+                        f"{', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}"
+                    )
+                methods[stage][method.name] = Provided(method, info)
         self._methods = methods
         return methods
+
+    def adapters(self) -> dict[str, Provided]:
+        """Model adapters by name. Adapters are not a spec stage: kvcompress.patch picks one by model type."""
+        if self._adapters is not None:
+            return dict(self._adapters)
+        adapters: dict[str, Provided] = {}
+        claimed: dict[str, Provided] = {}
+        for adapter, info in self._results(ADAPTER_HOOK, ModelAdapter):
+            if adapter.name in adapters:
+                raise PluginError(_provided_twice(f"model adapter {adapter.name!r}", adapters[adapter.name].plugin, info))
+            for model_type in sorted(adapter.model_types):
+                if model_type in claimed:
+                    other = claimed[model_type]
+                    raise PluginError(_provided_twice(
+                        f"an adapter for model type {model_type!r} ({other.method.name!r}, {adapter.name!r})",
+                        other.plugin, info,
+                    ))
+                claimed[model_type] = Provided(adapter, info)
+            adapters[adapter.name] = Provided(adapter, info)
+        self._adapters = adapters
+        return dict(adapters)
+
+    def adapter_for(self, model_type: str) -> ModelAdapter:
+        """The adapter that handles `model_type`, or UnsupportedModelError saying how one is added."""
+        adapters = self.adapters()
+        for provided in adapters.values():
+            if model_type in provided.method.model_types:
+                return provided.method
+        covered = sorted(t for p in adapters.values() for t in p.method.model_types)
+        raise UnsupportedModelError(
+            f"no model adapter handles model type {model_type!r} (installed adapters cover: "
+            f"{', '.join(covered) or 'none'}). A plugin can add one through the {ADAPTER_HOOK} hook: see "
+            "'Model adapters' in docs/writing-a-plugin.md"
+        )
+
+    def readers(self) -> list[Provided]:
+        """Layer-level readers in registration order (kvcompress_readers); names are unique."""
+        if self._readers is None:
+            found: dict[str, Provided] = {}
+            for reader, info in self._results("kvcompress_readers", ReaderMethod):
+                if reader.name in found:
+                    raise PluginError(_provided_twice(f"reader {reader.name!r}", found[reader.name].plugin, info))
+                found[reader.name] = Provided(reader, info)
+            self._readers = list(found.values())
+        return self._readers
 
     def names(self, stage: str) -> list[str]:
         return sorted(self._collect()[stage])
@@ -138,26 +184,12 @@ class Registry:
             raise UnknownMethodError(unknown_method_message(stage, name, self.names(stage)))
         return found.method
 
-    def readers(self) -> list[Provided]:
-        """Layer-level readers in registration order (kvcompress_readers); names are unique."""
-        if self._readers is None:
-            found: dict[str, Provided] = {}
-            for impl in reversed(self.pm.hook.kvcompress_readers.get_hookimpls()):
-                info = self.plugins[impl.plugin_name]
-                for reader in impl.function() or []:
-                    if not isinstance(reader, ReaderMethod):
-                        raise PluginError(
-                            f"plugin {info.name!r} ({info.distribution}) returned {type(reader).__name__} from "
-                            "kvcompress_readers; expected ReaderMethod"
-                        )
-                    if reader.name in found:
-                        other = found[reader.name].plugin
-                        raise PluginError(
-                            f"reader {reader.name!r} is provided twice: by {other.distribution} and by {info.distribution}"
-                        )
-                    found[reader.name] = Provided(reader, info)
-            self._readers = list(found.values())
-        return self._readers
+
+def _provided_twice(what: str, first: PluginInfo, second: PluginInfo) -> str:
+    return (
+        f"{what} is provided twice: by {first.distribution} (plugin {first.name!r}) and by {second.distribution} "
+        f"(plugin {second.name!r}). Uninstall one, or block one with {DISABLE_ENV}."
+    )
 
 
 def unknown_method_message(stage: str, name: str, installed: list[str]) -> str:

@@ -283,3 +283,53 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def adapter_rope_views(
+    model: torch.nn.Module, ids: torch.Tensor, prompt: int, registry: Registry | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Holds a model adapter to the model: runs `ids` [batch, tokens] through the unpatched model into a
+    DynamicCache in two forwards (the first `prompt` tokens, then the rest), capturing the keys before RoPE
+    through the adapter of the model's type (kvcompress.hf.adapters.model_adapter).
+
+    Returns per layer (adapter.apply_rope(captured keys, their absolute positions), the keys the DynamicCache
+    holds), both [batch, kv_heads, tokens, head_dim] and cut to the tokens the cache holds (a sliding-window
+    layer keeps only the last ones). The first forward passes positions as [tokens], the second as
+    [batch, tokens]. They must agree.
+    """
+    from transformers import DynamicCache
+
+    from kvcompress.hf.adapters import model_adapter
+    from kvcompress.hf.cache import model_geometry
+
+    adapter = model_adapter(model, registry)
+    geometry = model_geometry(model.config)
+    modules = adapter.attention_modules(model, geometry)
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    hooks = []
+    for index, module in enumerate(modules):
+        found = adapter.pre_rope_keys(module)
+        assert found is not None, f"the adapter captures no keys before RoPE from {type(module).__name__}"
+        submodule, read = found
+
+        def capture(sub, args, output, index=index, module=module, read=read):
+            captured[index].append(read(module, output, geometry.head_dim))
+
+        hooks.append(submodule.register_forward_hook(capture))
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad():
+            model(ids[:, :prompt], past_key_values=cache)
+            model(ids[:, prompt:], past_key_values=cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch, tokens = ids.shape
+    positions = (torch.arange(prompt), torch.arange(prompt, tokens).expand(batch, -1))
+    views = []
+    for index, (first, second) in enumerate(captured):
+        with torch.no_grad():
+            rotated = torch.cat([adapter.apply_rope(model, index, k, p) for k, p in zip((first, second), positions)], 2)
+        stored = cache.layers[index].keys
+        views.append((rotated[:, :, tokens - stored.shape[2]:], stored))
+    return views

@@ -36,7 +36,7 @@ NAME = "kvcompress"
 CACHE_ATTRIBUTE = "_kvcompress_cache"
 # Attribute the patch sets on each attention module: keyword arguments its architecture may pass that change the
 # attention math in ways this function does not implement (from the model adapter).
-UNSUPPORTED_ATTRIBUTE = "_kvcompress_unsupported_kwargs"
+UNSUPPORTED_KWARGS_ATTRIBUTE = "_kvcompress_unsupported_kwargs"
 UNSUPPORTED_KWARGS = {
     "s_aux": "learned attention-sink logits (gpt-oss)",
     "position_bias": "an additive position bias (T5-style)",
@@ -61,7 +61,7 @@ def kvcompress_attention(
     With a CompressedCache in the running forward it attends over everything the layer holds; otherwise
     (no cache, use_cache=False) over the key and value it is given, with the same math.
     """
-    for name, what in getattr(module, UNSUPPORTED_ATTRIBUTE, UNSUPPORTED_KWARGS).items():
+    for name, what in getattr(module, UNSUPPORTED_KWARGS_ATTRIBUTE, UNSUPPORTED_KWARGS).items():
         if kwargs.get(name) is not None:
             raise KVCompressError(
                 f"{type(module).__name__} passes {name} ({what}) to attention, which kvcompress does not implement; "

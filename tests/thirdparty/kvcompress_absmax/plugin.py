@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kvcompress import LayerContext, MethodSpec, PrunerMethod, QuantizerMethod, hookimpl
+from kvcompress import LayerContext, MethodSpec, ModelAdapter, PrunerMethod, QuantizerMethod, hookimpl
 
 
 class AbsmaxSpec(MethodSpec):
@@ -44,3 +44,15 @@ def kvcompress_pruners():
 @hookimpl
 def kvcompress_quantizers():
     return [QuantizerMethod(name="absmax", spec=AbsmaxSpec, factory=make_absmax, description=AbsmaxSpec.__doc__)]
+
+
+def load_neox():
+    from kvcompress_absmax.neox import GPTNeoXAdapter
+
+    return GPTNeoXAdapter()
+
+
+@hookimpl
+def kvcompress_model_adapters():
+    return [ModelAdapter(name="gpt-neox", model_types=frozenset({"gpt_neox"}), load=load_neox,
+                         description="GPT-NeoX: keys sliced from the fused query_key_value projection")]
