@@ -127,8 +127,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=30, help="layers of the model the specs are built for")
     parser.add_argument("--layer", type=int, default=2, help="the layer whose pipelines are read")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     paths = [Path(p) for p in args.specs] or sorted((ROOT / "specs").glob("*.yaml"))
     results = []
     for path in paths:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kvcompress.testing import QuantizerConformance
+import pytest
+import torch
+
+from kvcompress.testing import EstimatorConformance, QuantizerConformance
 
 
 class TestKivi2Keys(QuantizerConformance):
@@ -74,3 +77,115 @@ class TestFP8Unscaled(QuantizerConformance):
     spec = {"method": "fp8", "scale": "none"}
     role = "values"
     max_relative_error = 0.04
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scalar estimator against decode, on every quantizer configuration above
+
+
+class ScalarEstimatorConformance(EstimatorConformance):
+    """EstimatorConformance, plus odd token counts (several read blocks, a partial last one) and half queries."""
+
+    estimator = {"method": "scalar"}
+    atol = 1e-4
+    rtol = 1e-4
+
+    def read(self, tokens: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch):
+        """(estimated, decode estimator's) output for `tokens` tokens read in blocks of a few token blocks, with queries
+        (keys) or weights (values) of `dtype`."""
+        estimated, decoded = self.codecs()
+        monkeypatch.setattr(estimated.estimator, "block", 3 * estimated.token_block)
+        x, query = self.data(tokens)
+        state = estimated.encode(x)
+        # the reference reads the same half-precision inputs in float32: the estimator computes in float32
+        if self.role == "keys":
+            query = query.to(dtype)
+            return estimated.scores(query, state), decoded.scores(query.float(), state)
+        weights = torch.softmax(query @ x.transpose(-1, -2), dim=-1).to(dtype)
+        return estimated.mix(weights, state), decoded.mix(weights.float(), state)
+
+    @pytest.mark.parametrize("blocks", [1, 7, 13])
+    def test_odd_token_counts(self, blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        got, want = self.read(self.codecs()[0].token_block * blocks, torch.float32, monkeypatch)
+        torch.testing.assert_close(got, want, atol=self.atol, rtol=self.rtol)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+    def test_half_queries(self, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+        got, want = self.read(self.codecs()[0].token_block * 11, dtype, monkeypatch)
+        assert got.dtype == dtype
+        # one rounding to the dtype: its epsilon (2^-10 fp16, 2^-7 bf16) bounds the relative difference
+        torch.testing.assert_close(got, want.to(dtype), atol=10 * self.atol, rtol=torch.finfo(dtype).eps)
+
+
+class TestEstimatorKivi2Keys(ScalarEstimatorConformance):
+    quantizer = TestKivi2Keys.spec
+
+
+class TestEstimatorKivi2Values(ScalarEstimatorConformance):
+    quantizer = TestKivi2Values.spec
+    role = "values"
+
+
+class TestEstimatorKivi4Keys(ScalarEstimatorConformance):
+    quantizer = TestKivi4Keys.spec
+
+
+class TestEstimatorKivi4Values(ScalarEstimatorConformance):
+    quantizer = TestKivi4Values.spec
+    role = "values"
+
+
+class TestEstimatorMinMaxChannelValues(ScalarEstimatorConformance):
+    quantizer = {"method": "scalar", "bits": 2, "axis": "channel", "group": 16}
+    role = "values"
+
+
+class TestEstimatorMinMaxTokenKeys(ScalarEstimatorConformance):
+    quantizer = {"method": "scalar", "bits": 4, "axis": "token", "group": 16}
+
+
+class TestEstimator3BitsUnaligned(ScalarEstimatorConformance):
+    quantizer = TestScalar3BitsUnalignedHeadDim.spec  # codes straddle bytes: the unpack_bits path
+    head_dim = 24
+    role = "values"
+
+
+class TestEstimator3BitsUnalignedKeys(ScalarEstimatorConformance):
+    quantizer = {"method": "scalar", "bits": 3, "axis": "channel", "group": 8}
+    head_dim = 24
+
+
+class TestEstimator1BitKeys(ScalarEstimatorConformance):
+    quantizer = TestScalar1BitKeys.spec
+
+
+class TestEstimator8Bits(ScalarEstimatorConformance):
+    quantizer = TestScalar8Bits.spec
+    role = "values"
+
+
+class TestEstimatorLloydMax4Keys(ScalarEstimatorConformance):
+    quantizer = TestRotatedLloydMax4Keys.spec
+
+
+class TestEstimatorLloydMax2Values(ScalarEstimatorConformance):
+    quantizer = TestRotatedLloydMax2Values.spec
+    role = "values"
+
+
+class TestEstimatorLloydMaxSmallGroups(ScalarEstimatorConformance):
+    quantizer = {"method": "scalar", "bits": 2, "axis": "token", "group": 16, "grid": "lloyd-max"}
+
+
+class TestEstimatorFP8Keys(ScalarEstimatorConformance):
+    quantizer = TestFP8PerToken.spec
+
+
+class TestEstimatorFP8Values(ScalarEstimatorConformance):
+    quantizer = TestFP8PerToken.spec
+    role = "values"
+
+
+class TestEstimatorFP8Unscaled(ScalarEstimatorConformance):
+    quantizer = TestFP8Unscaled.spec
+    role = "values"
