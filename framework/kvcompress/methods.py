@@ -47,7 +47,8 @@ class QuantizerMethod:
     """A cache quantizer: factory(spec, ctx) -> kvcompress.runtime.Quantizer.
 
     roles: which of keys/values it may quantize. needs_codebook: the pipeline must name a codebook
-    stage. description: one line for `kvcompress methods`.
+    stage. description: one line for `kvcompress methods`. estimator: the estimator method that reads its
+    state fastest, which a pipeline naming no estimator stage uses (None: decode).
     """
 
     name: str
@@ -56,6 +57,7 @@ class QuantizerMethod:
     description: str = ""
     roles: frozenset[str] = frozenset({"keys", "values"})
     needs_codebook: bool = False
+    estimator: str | None = None
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,30 @@ class EstimatorConformance:
         weights = torch.softmax(query @ x.transpose(-1, -2), dim=-1)
         torch.testing.assert_close(estimated.mix(weights, state), decoded.mix(weights, state), atol=self.atol, rtol=self.rtol)
 
+    def read(self, tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimator's scores (keys) or mix (values) of `tokens` tokens with queries or weights of `dtype`,
+        and the decode estimator's on the same inputs in float32."""
+        estimated, decoded = self.codecs()
+        x, query = self.data(tokens)
+        state = estimated.encode(x)
+        if self.role == "keys":
+            query = query.to(dtype)
+            return estimated.scores(query, state), decoded.scores(query.float(), state)
+        weights = torch.softmax(query @ x.transpose(-1, -2), dim=-1).to(dtype)
+        return estimated.mix(weights, state), decoded.mix(weights.float(), state)
+
+    @pytest.mark.parametrize("blocks", [1, 7, 13])
+    def test_odd_token_counts(self, blocks: int) -> None:
+        got, want = self.read(self.codecs()[0].token_block * blocks)
+        torch.testing.assert_close(got, want, atol=self.atol, rtol=self.rtol)
+
+    @pytest.mark.parametrize("dtype", DTYPES[1:], ids=lambda d: str(d).removeprefix("torch."))
+    def test_half_precision_inputs(self, dtype: torch.dtype) -> None:
+        got, want = self.read(self.codecs()[0].token_block * 11, dtype)
+        assert got.dtype == dtype
+        # one rounding of a float32 result to the dtype: its epsilon bounds the relative difference
+        torch.testing.assert_close(got, want.to(dtype), atol=10 * self.atol, rtol=torch.finfo(dtype).eps)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Tiny random models of the architectures kvcompress is tested on

@@ -23,6 +23,9 @@ import torch
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import pack_bits_torch, unpack_bits_torch
 
+# Tokens scored at once by the torch path (rounded down to whole outlier groups).
+SCORE_CHUNK = 2048
+
 
 class QJLCodes(NamedTuple):
     """Packed QJL state of a block of keys [batch, heads, tokens, head_dim].
@@ -115,29 +118,49 @@ def qjl_scores_torch(
     """Unscaled attention scores <q, k> estimated from packed keys, float32 [b, h, n, t].
 
     query [b, h, n, d] is grouped by KV head (n = query heads per KV head x query length), so one sketch of
-    each query serves every key of its KV head: grouped-query attention costs nothing extra.
+    each query serves every key of its KV head: grouped-query attention costs nothing extra. Keys are read
+    SCORE_CHUNK tokens at a time (whole outlier groups), which bounds the unpacked signs held at once.
     """
     q = query.float()
+    b, h, n, _ = q.shape
+    t = codes.signs.shape[2]
+    chunk = max(group, SCORE_CHUNK - SCORE_CHUNK % group)
+    sketched = q @ sketch.T  # S q, once for every chunk
+    out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
+    for start in range(0, t, chunk):
+        stop = min(t, start + chunk)
+        part = QJLCodes(*(None if c is None else c[:, :, start:stop] for c in codes))
+        index = None if outlier_index is None else outlier_index[:, :, start // group : stop // group]
+        out[..., start:stop] = _block_scores(q, sketched, part, sketch, scale, index, group)
+    return out
+
+
+def _block_scores(q, sketched, codes: QJLCodes, sketch, scale: float, outlier_index, group: int) -> torch.Tensor:
+    """qjl_scores_torch on one block of tokens; sketched = S q."""
     b, h, n, d = q.shape
     m = sketch.shape[0]
-    signs = unpack_signs(codes.signs, m)  # [b, h, t, m]
-    # <S q, sign(S k)> for every query and key: one sketch per query row
-    scores = scale / m * ((q @ sketch.T) @ signs.transpose(-1, -2)) * codes.norm.float().unsqueeze(-2)
+    # <S q, sign(S k)> = 2 <S q, bit> - sum(S q) for bits in {0, 1}: the bits widen straight to floats
+    bits = unpack_bits_torch(codes.signs, 1, m).float()  # [b, h, t, m]
+    inner = 2 * (sketched @ bits.transpose(-1, -2)) - sketched.sum(-1, keepdim=True)
+    scores = scale / m * inner * codes.norm.float().unsqueeze(-2)
     if outlier_index is None:
         return scores
-    t = signs.shape[2]
+    t = bits.shape[2]
     groups = t // group
     m_out = codes.outlier_signs.shape[-1] * 8
     index = outlier_index.long()  # [b, h, G, o]
     o = index.shape[-1]
-    # The query on each group's outlier channels [b, h, G, n, o], and those channels' sketch columns [b, h, G, o, m]:
-    # S q_out involves only these, so <S q_in, s> = <S q, s> - <S q_out, s> costs o (not d) per row.
+    # The query on each group's outlier channels [b, h, G, n, o] times those channels' sketch columns: S q_out
+    # [b, h, G, n, m] involves only these, so <S q_in, s> = <S q, s> - <S q_out, s> costs o (not d) per row,
+    # and S' q_out is its first m' rows.
     q_out = q.unsqueeze(2).expand(b, h, groups, n, d).gather(-1, index.unsqueeze(3).expand(b, h, groups, n, o))
-    columns = sketch.T[index]
-    group_signs = signs.reshape(b, h, groups, group, m).transpose(-1, -2)
-    correction = q_out @ (columns @ group_signs)  # <S q_out, sign(S k_in)>: [b, h, G, n, group]
-    outlier_signs = unpack_signs(codes.outlier_signs, m_out).reshape(b, h, groups, group, m_out).transpose(-1, -2)
-    inner_out = q_out @ (columns[..., :m_out] @ outlier_signs)  # <S' q_out, sign(S' k_out)>
+    sq_out = q_out @ sketch.T[index]
+    group_bits = bits.reshape(b, h, groups, group, m).transpose(-1, -2)
+    correction = 2 * (sq_out @ group_bits) - sq_out.sum(-1, keepdim=True)  # <S q_out, sign(S k_in)>
+    out_bits = unpack_bits_torch(codes.outlier_signs, 1, m_out).float()
+    out_bits = out_bits.reshape(b, h, groups, group, m_out).transpose(-1, -2)
+    sq_out = sq_out[..., :m_out]
+    inner_out = 2 * (sq_out @ out_bits) - sq_out.sum(-1, keepdim=True)  # <S' q_out, sign(S' k_out)>
     norm = codes.norm.float().reshape(b, h, groups, 1, group)
     norm_out = codes.outlier_norm.float().reshape(b, h, groups, 1, group)
     parts = scale / m_out * inner_out * norm_out - scale / m * correction * norm

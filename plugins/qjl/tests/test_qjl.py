@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import kvcompress_qjl.kernels
 from kvcompress import SpecError, parse_spec
 from kvcompress.pipeline import build_codecs
 from kvcompress.testing import EstimatorConformance, QuantizerConformance, make_codec
@@ -41,7 +42,15 @@ class TestQJLKeysGaussianLite(QuantizerConformance):
     max_relative_error = 1.25  # 1.13 measured: a 1-bit-per-element sketch
 
 
-class TestQJLScores(EstimatorConformance):
+class SmallChunks:
+    """Scores read 64 tokens at a time (two outlier groups), so that every check crosses chunk bounds."""
+
+    @pytest.fixture(autouse=True)
+    def small_chunks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(kvcompress_qjl.kernels, "SCORE_CHUNK", 64)
+
+
+class TestQJLScores(SmallChunks, EstimatorConformance):
     quantizer = REFERENCE
     estimator = {"method": "qjl"}
     role = "keys"
@@ -49,7 +58,7 @@ class TestQJLScores(EstimatorConformance):
     atol = 1e-3  # scores are O(10); the two paths sum in different orders in fp32
 
 
-class TestQJLScoresNoOutliers(EstimatorConformance):
+class TestQJLScoresNoOutliers(SmallChunks, EstimatorConformance):
     quantizer = {"method": "qjl", "outliers": 0, "sketch_dim": 200}
     estimator = {"method": "qjl"}
     role = "keys"

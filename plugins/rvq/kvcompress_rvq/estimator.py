@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kvcompress_kernels.bitpack import unpack_bits
+from kvcompress_rvq import kernels
 from kvcompress_rvq.kernels import lut_scores
 from kvcompress.runtime import Estimator, Quantizer
 from kvcompress.state import PackedState
@@ -41,13 +43,17 @@ class LUTEstimator(Estimator):
         rvq = self.rvq
         b, h, n, t = weights.shape
         m, size = rvq.codes_per_token, rvq.codebook_size
-        codes = rvq.unpacked_codes(state).reshape(b, h, t, m)
-        index = (codes + torch.arange(m, device=codes.device) * size).reshape(b, h, 1, t * m).expand(b, h, n, t * m)
-        weighted = weights.float() * state.tensors["scale"].float().unsqueeze(2)  # [b, h, n, t]
-        source = weighted.unsqueeze(-1).expand(b, h, n, t, m).reshape(b, h, n, t * m)
+        offsets = torch.arange(m, device=weights.device) * size
         per_codeword = torch.zeros(b, h, n, m * size, dtype=torch.float32, device=weights.device)
-        per_codeword.scatter_add_(-1, index, source)
+        # token blocks bound the unpacked codes and the per-code weights to kernels.SCORE_CHUNK tokens
+        for start in range(0, t, kernels.SCORE_CHUNK):
+            stop = min(t, start + kernels.SCORE_CHUNK)
+            packed = state.tensors["codes"][:, :, start:stop]
+            codes = unpack_bits(packed, rvq.bits, m).long() + offsets  # [b, h, block, m]
+            index = codes.reshape(b, h, 1, (stop - start) * m).expand(b, h, n, -1)
+            weighted = weights[..., start:stop].float() * state.tensors["scale"][:, :, None, start:stop].float()
+            source = weighted.unsqueeze(-1).expand(b, h, n, stop - start, m).reshape(b, h, n, -1)
+            per_codeword.scatter_add_(-1, index, source)
         per_codeword = per_codeword.reshape(b, h, n, rvq.grouping.groups, rvq.depth, size)
         groups = torch.einsum("bhnjlc,lcg->bhnjg", per_codeword, rvq.codebooks_on(weights.device))
         return rvq.grouping.merge(groups).to(weights.dtype)
-

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+import kvcompress_rvq.kernels
 from kvcompress_rvq.testing import learned
 
 from kvcompress.testing import EstimatorConformance, QuantizerConformance
@@ -33,21 +36,29 @@ class TestRVQOddCodeWidth(QuantizerConformance):
     max_relative_error = 0.45  # 1.875 bits per channel: measured 0.38
 
 
-class TestLUTScores(EstimatorConformance):
+class SmallChunks:
+    """Codes read 48 tokens at a time, so that every check crosses chunk bounds."""
+
+    @pytest.fixture(autouse=True)
+    def small_chunks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(kvcompress_rvq.kernels, "SCORE_CHUNK", 48)
+
+
+class TestLUTScores(SmallChunks, EstimatorConformance):
     quantizer = KEYS
     estimator = {"method": "rvq-lut"}
     role = "keys"
     codebook = staticmethod(lambda ctx: learned(4, 64, 32, "strided"))
 
 
-class TestLUTScoresOddWidth(EstimatorConformance):
+class TestLUTScoresOddWidth(SmallChunks, EstimatorConformance):
     quantizer = ODD
     estimator = {"method": "rvq-lut"}
     role = "keys"
     codebook = staticmethod(lambda ctx: learned(3, 32, 8, "strided"))
 
 
-class TestLUTMix(EstimatorConformance):
+class TestLUTMix(SmallChunks, EstimatorConformance):
     quantizer = VALUES
     estimator = {"method": "rvq-lut"}
     role = "values"

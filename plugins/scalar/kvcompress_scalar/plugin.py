@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvcompress import LayerContext, MethodSpec, QuantizerMethod, TransformMethod, hookimpl
+from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, TransformMethod, hookimpl
 
 # Grids with tabulated Lloyd-Max levels (computed in kvcompress_scalar.quantizers).
 LLOYD_MAX_BITS = (1, 2, 3, 4)
@@ -85,6 +85,13 @@ class HadamardSpec(MethodSpec):
     )
 
 
+class ScalarEstimatorSpec(MethodSpec):
+    """Attention read straight from scalar and fp8 state: group parameters folded into the query or the
+    weights, codes widened one token block at a time, never the dequantized keys or values."""
+
+    method: Literal["scalar"] = "scalar"
+
+
 def make_scalar(spec: ScalarSpec, ctx: LayerContext):
     from kvcompress_scalar.quantizers import LloydMaxQuantizer, MinMaxQuantizer
 
@@ -110,11 +117,32 @@ def make_hadamard(spec: HadamardSpec, ctx: LayerContext):
     return HadamardTransform(head_dim=ctx.head_dim, seed=spec.seed, layer=ctx.layer)
 
 
+def make_estimator(spec: ScalarEstimatorSpec, ctx: LayerContext):
+    from kvcompress_scalar.estimator import ScalarEstimator
+
+    return ScalarEstimator(ctx.quantizer)
+
+
 @hookimpl
 def kvcompress_quantizers() -> list[QuantizerMethod]:
     return [
-        QuantizerMethod(name="scalar", spec=ScalarSpec, factory=make_scalar, description=ScalarSpec.__doc__.splitlines()[0]),
-        QuantizerMethod(name="fp8", spec=FP8Spec, factory=make_fp8, description=FP8Spec.__doc__.splitlines()[0]),
+        QuantizerMethod(
+            name="scalar", spec=ScalarSpec, factory=make_scalar, description=ScalarSpec.__doc__.splitlines()[0],
+            estimator="scalar",
+        ),
+        QuantizerMethod(
+            name="fp8", spec=FP8Spec, factory=make_fp8, description=FP8Spec.__doc__.splitlines()[0], estimator="scalar"
+        ),
+    ]
+
+
+@hookimpl
+def kvcompress_estimators() -> list[EstimatorMethod]:
+    return [
+        EstimatorMethod(
+            name="scalar", spec=ScalarEstimatorSpec, factory=make_estimator,
+            description=" ".join(ScalarEstimatorSpec.__doc__.split()), quantizers=frozenset({"scalar", "fp8"}),
+        )
     ]
 
 

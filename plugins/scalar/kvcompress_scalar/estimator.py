@@ -1,0 +1,210 @@
+"""The scalar estimator: attention read from min/max (KIVI), Lloyd-Max and fp8 state without decoding it.
+
+Parameters are folded into the query or the weights, so the only full-size float tensor is the codes of one
+token block (or the Lloyd-Max levels they stand for), never the dequantized keys or values:
+
+  min/max, axis channel (keys): <q, k_t> = sum_c (q_c scale_Gc) code_tc + sum_c q_c min_Gc per token group G;
+      mix = sum_G (w_G @ codes_G) * scale_G + (sum_{t in G} w_t) min_G.
+  min/max, axis token (values): mix over channel group g = (w * scale_g) @ codes_g + (w @ min_g);
+      scores = sum_g (q_g @ codes_g^T) * scale_g + (sum_{c in g} q_c) min_g.
+  Lloyd-Max: levels[code] * norm_g / sqrt(group) is min/max with levels for codes, norm/sqrt(group) for
+      scale and no minimum; it runs in the rotated space (the codec rotates the query once before scores and
+      the mix once after).
+  fp8: the e4m3 bytes widen through fp16 bit arithmetic (exact, and much faster on CPUs than torch's fp8
+      cast); the per-token scale multiplies the scores or the weights.
+
+Codes widen through a 256-row table per packed byte (an embedding lookup yields a byte's codes as floats,
+already in the levels' values) where whole codes fill bytes; otherwise through unpack_bits. Every read works
+on token blocks of at most READ_BLOCK tokens, so its transient memory is bounded by the block, and computes in
+float32 whatever the query dtype, returning that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvcompress.runtime import Estimator, Quantizer
+from kvcompress.state import PackedState
+from kvcompress_kernels.bitpack import unpack_bits
+from kvcompress_scalar.quantizers import FP8Quantizer, LloydMaxQuantizer, MinMaxQuantizer
+
+# Tokens read at once: bounds the float codes held during a read (b x h x READ_BLOCK x head_dim floats).
+READ_BLOCK = 4096
+
+
+def fp8_halves(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes -> float32 equal to codes / 256, exactly.
+
+    e4m3 (bias 7) and fp16 (bias 15) differ in exponent width only, so an e4m3 byte's 7 low bits shifted
+    into an fp16's exponent and mantissa fields are that fp16 at 2^-8 times the value, subnormals included;
+    the sign moves from bit 7 to bit 15 (sign extension to int16 and the shift set bits 14 and 15; bit 14 is
+    cleared). NaN codes do not occur: the quantizer clamps to +-448.
+    """
+    widened = (codes.view(torch.int8).to(torch.int16) << 7) & ~0x4000
+    return widened.view(torch.float16).float()
+
+
+class CodeReader:
+    """Float values of packed b-bit codes: `values[code]` for each code (codes 0..2^b - 1 for min/max)."""
+
+    def __init__(self, bits: int, values: torch.Tensor):
+        self.bits = bits
+        self.values = values.float()
+        self.per_byte = 8 // bits if 8 % bits == 0 else 0
+        table = None
+        if self.per_byte:
+            shifts = torch.arange(0, 8, bits)
+            table = self.values[(torch.arange(256).unsqueeze(-1) >> shifts) & (2**bits - 1)]  # [256, per_byte]
+        self.table = table
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if device not in self._on_device:
+            table = None if self.table is None else self.table.to(device)
+            self._on_device[device] = (self.values.to(device), table)
+        return self._on_device[device]
+
+    def read(self, packed: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
+        """packed uint8 [b, h, t, bytes] holding n codes per row -> float32 [b, h, groups, t, n / groups]:
+        the values of each group of n / groups consecutive codes, group-major."""
+        b, h, t, _ = packed.shape
+        values, table = self._tables(packed.device)
+        width = n // groups
+        if table is not None and width % self.per_byte == 0:
+            # whole bytes per group: reorder the (small) byte index group-major, then one lookup
+            index = packed.reshape(b, h, t, groups, width // self.per_byte).transpose(2, 3).contiguous()
+            return F.embedding(index.int(), table).reshape(b, h, groups, t, width)
+        codes = values[unpack_bits(packed, self.bits, n).long()]
+        return codes.reshape(b, h, t, groups, width).transpose(2, 3)
+
+
+def _rows(state: PackedState, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """The state's tensors for tokens start..stop (block bounds are whole rows of every tensor: a row per
+    token, or per group of tokens for channel-axis parameters)."""
+    return {
+        name: tensor[:, :, start * tensor.shape[2] // state.tokens : stop * tensor.shape[2] // state.tokens]
+        for name, tensor in state.tensors.items()
+    }
+
+
+def _split(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, h, n, d] -> [b, h, groups, n, d / groups]: the channel groups of each row."""
+    b, h, n, d = x.shape
+    return x.reshape(b, h, n, groups, d // groups).transpose(2, 3)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, groups, n, width] -> [b, h, n, groups * width] (the inverse of _split)."""
+    b, h, groups, n, width = x.shape
+    return x.transpose(2, 3).reshape(b, h, n, groups * width)
+
+
+def _grouped_scores(query, codes, scale):
+    """sum over channel groups g of (q_g @ codes_g^T) * scale_g: query [b, h, n, d], codes [b, h, G, t, w],
+    scale [b, h, t, G] -> [b, h, n, t]."""
+    per_group = _split(query, codes.shape[2]) @ codes.transpose(-1, -2)  # [b, h, G, n, t]
+    return (per_group * scale.permute(0, 1, 3, 2).unsqueeze(3)).sum(2)
+
+
+def _grouped_mix(weights, codes, scale):
+    """sum_t w_t scale_tg codes_tg per channel group g: weights [b, h, n, t], codes [b, h, G, t, w],
+    scale [b, h, t, G] -> [b, h, n, G * w]."""
+    scaled = weights.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)  # [b, h, G, n, t]
+    return _merge(scaled @ codes)
+
+
+class ScalarEstimator(Estimator):
+    """Reads the state of the scalar plugin's quantizers (see the module docstring)."""
+
+    def __init__(self, quantizer: Quantizer):
+        if isinstance(quantizer, MinMaxQuantizer):
+            self.reader = CodeReader(quantizer.bits, torch.arange(2**quantizer.bits))
+        elif isinstance(quantizer, LloydMaxQuantizer):
+            self.reader = CodeReader(quantizer.bits, quantizer.levels)
+        elif not isinstance(quantizer, FP8Quantizer):
+            raise TypeError(
+                f"the scalar estimator reads state of the scalar and fp8 quantizers, got {type(quantizer).__name__}: "
+                "use estimator decode for other quantizers"
+            )
+        self.quantizer = quantizer
+        block = quantizer.token_block
+        self.block = max(block, READ_BLOCK - READ_BLOCK % block)
+
+    def _blocks(self, tokens: int):
+        for start in range(0, tokens, self.block):
+            yield start, min(tokens, start + self.block)
+
+    def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        q = query.float()
+        b, h, n, _ = q.shape
+        out = torch.empty(b, h, n, state.tokens, dtype=torch.float32, device=q.device)
+        for start, stop in self._blocks(state.tokens):
+            out[..., start:stop] = self._scores(q, state, start, stop)
+        return out.to(query.dtype)
+
+    def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
+        w = weights.float()
+        b, h, n, _ = w.shape
+        out = torch.zeros(b, h, n, state.head_dim, dtype=torch.float32, device=w.device)
+        for start, stop in self._blocks(state.tokens):
+            out += self._mix(w[..., start:stop], state, start, stop)
+        return out.to(weights.dtype)
+
+    def _scores(self, q: torch.Tensor, state: PackedState, start: int, stop: int) -> torch.Tensor:
+        quantizer, d = self.quantizer, state.head_dim
+        if isinstance(quantizer, FP8Quantizer):
+            part = _rows(state, start, stop)
+            scores = q @ fp8_halves(part["codes"]).transpose(-1, -2)
+            return scores * (256.0 * _fp8_scale(part))
+        if isinstance(quantizer, LloydMaxQuantizer):
+            part = _rows(state, start, stop)
+            groups = d // quantizer.group
+            codes = self.reader.read(part["codes"], d, groups)
+            return _grouped_scores(q, codes, part["norm"].float() / math.sqrt(quantizer.group))
+        if quantizer.axis == "token":
+            part = _rows(state, start, stop)
+            groups = d // quantizer.group
+            codes = self.reader.read(part["codes"], d, groups)
+            offset = _split(q, groups).sum(-1).transpose(-1, -2) @ part["minimum"].float().transpose(-1, -2)
+            return _grouped_scores(q, codes, part["scale"].float()) + offset
+        # axis channel: one scale and minimum per channel and group of `group` tokens
+        group = quantizer.group
+        part = _rows(state, start, stop)
+        b, h, n, _ = q.shape
+        codes = self.reader.read(part["codes"], d).reshape(b, h, -1, group, d)  # [b, h, G, group, d]
+        scaled = q.unsqueeze(2) * part["scale"].float().unsqueeze(3)  # [b, h, G, n, d]
+        offset = part["minimum"].float() @ q.transpose(-1, -2)  # [b, h, G, n]
+        scores = scaled @ codes.transpose(-1, -2) + offset.unsqueeze(-1)  # [b, h, G, n, group]
+        return scores.transpose(2, 3).reshape(b, h, n, stop - start)
+
+    def _mix(self, w: torch.Tensor, state: PackedState, start: int, stop: int) -> torch.Tensor:
+        quantizer, d = self.quantizer, state.head_dim
+        if isinstance(quantizer, FP8Quantizer):
+            part = _rows(state, start, stop)
+            return (w * (256.0 * _fp8_scale(part))) @ fp8_halves(part["codes"])
+        if isinstance(quantizer, LloydMaxQuantizer):
+            part = _rows(state, start, stop)
+            codes = self.reader.read(part["codes"], d, d // quantizer.group)
+            return _grouped_mix(w, codes, part["norm"].float() / math.sqrt(quantizer.group))
+        if quantizer.axis == "token":
+            part = _rows(state, start, stop)
+            codes = self.reader.read(part["codes"], d, d // quantizer.group)
+            offset = (w @ part["minimum"].float()).repeat_interleave(quantizer.group, dim=-1)
+            return _grouped_mix(w, codes, part["scale"].float()) + offset
+        group = quantizer.group
+        part = _rows(state, start, stop)
+        b, h, n, _ = w.shape
+        codes = self.reader.read(part["codes"], d).reshape(b, h, -1, group, d)
+        per_block = w.reshape(b, h, n, -1, group).transpose(2, 3)  # [b, h, G, n, group]
+        mixed = (per_block @ codes) * part["scale"].float().unsqueeze(3)  # [b, h, G, n, d]
+        offset = per_block.sum(-1).transpose(-1, -2) @ part["minimum"].float()  # [b, h, n, d]
+        return mixed.sum(2) + offset
+
+
+def _fp8_scale(part: dict[str, torch.Tensor]) -> torch.Tensor | float:
+    """The per-token scale [b, h, 1, t] of an fp8 block, or 1 without one."""
+    scale = part.get("scale")
+    return 1.0 if scale is None else scale.float().unsqueeze(2)
