@@ -194,8 +194,9 @@ def build_role_codec(
     if pipeline.codebook is not None:
         codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
         ctx = replace(ctx, codebook=codebook)
-    quantizer = registry.get("quantizer", pipeline.quantizer.method).factory(pipeline.quantizer, ctx)
-    estimator_spec = pipeline.estimator or registry.get("estimator", "decode").spec()
+    quantizer_method = registry.get("quantizer", pipeline.quantizer.method)
+    quantizer = quantizer_method.factory(pipeline.quantizer, ctx)
+    estimator_spec = pipeline.estimator or registry.get("estimator", quantizer_method.estimator or "decode").spec()
     estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
     transform = None
     if pipeline.transform is not None:

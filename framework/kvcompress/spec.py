@@ -45,7 +45,7 @@ class PipelineSpec(_Strict):
     )
     quantizer: SerializeAsAny[MethodSpec] = Field(description="The cache quantizer that packs tokens.")
     estimator: SerializeAsAny[MethodSpec] | None = Field(
-        None, description="How attention reads the packed state; default: decode, then matmul."
+        None, description="How attention reads the packed state; default: the quantizer's own estimator where it declares one, else decode, then matmul."
     )
     codebook: SerializeAsAny[MethodSpec] | None = Field(
         None, description="Learned constants for quantizers that need them (file source or learner)."
