@@ -50,7 +50,7 @@ def missing_codebooks(spec: CacheSpec) -> list[Path]:
     pipelines = [spec.keys, spec.values]
     pipelines += [part for override in spec.layers.values() for part in (override.keys, override.values) if part]
     base = Path(spec.source).parent if spec.source else Path.cwd()
-    paths = {base / p.codebook.path for p in pipelines if p.codebook is not None and hasattr(p.codebook, "path")}
+    paths = {base / p.codebook.path for p in pipelines if getattr(p.codebook, "path", None)}
     return sorted(path for path in paths if not path.is_file())
 
 
