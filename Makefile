@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-e2e clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ test: install
 
 bench: install $(CODEBOOKS)
 	$(PY) benchmarks/codecs.py
+
+# End-to-end prefill and decode on the default model at 4096 and 8000 tokens, every spec: long (tens of minutes on a CPU).
+bench-e2e: install $(CODEBOOKS)
+	$(PY) benchmarks/e2e.py --json benchmarks/results/e2e.json --markdown
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

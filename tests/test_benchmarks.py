@@ -1,4 +1,5 @@
-"""benchmarks/codecs.py runs every shipped spec whose constants are at hand (tiny contexts: no timing claims)."""
+"""The benchmarks run: benchmarks/codecs.py on every shipped spec whose constants are at hand, benchmarks/e2e.py on a
+tiny random model (tiny contexts: no timing claims)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ ROOT = Path(__file__).parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 
 
-def _codecs_module():
-    spec = importlib.util.spec_from_file_location("bench_codecs", ROOT / "benchmarks" / "codecs.py")
+def _load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,6 +32,38 @@ def test_codec_benchmark_runs_each_shipped_spec(path):
         if codebook is not None and not (path.parent / codebook.path).exists():
             pytest.skip(f"{codebook.path} is calibrated by `make demo`, not shipped")
     args = argparse.Namespace(kv_heads=2, head_dim=64, group=3, repeats=1)
-    (row,) = _codecs_module().bench_spec(path, [128], args, torch.device("cpu"))
+    (row,) = _load_benchmark("codecs").bench_spec(path, [128], args, torch.device("cpu"))
     assert row["bytes"] * 8 == pytest.approx(row["bits_per_element"] * 2 * 2 * row["context"] * 64)
     assert row["bytes"] < row["fp16_bytes"] and row["output_rel_error_vs_exact"] < 1.0
+
+
+def test_e2e_benchmark_reports_every_config_of_every_length_against_the_baseline():
+    from kvcompress.evaluate import BASELINE, Runner
+    from kvcompress.testing import VOCAB, tiny_model
+
+    e2e = _load_benchmark("e2e")
+    model = tiny_model("llama", head_dim=64)  # kivi-2 groups 32 channels of a token
+    spec = load_spec(ROOT / "specs" / "kivi-2.yaml")
+    prompt = torch.randint(0, VOCAB, (1, 72), generator=torch.Generator().manual_seed(0))
+    runners = [Runner(BASELINE, None), Runner(spec.name, spec)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's forward passes: on a busy machine, more threads only wait
+    try:
+        rows = e2e.benchmark(model, prompt, [24, 72], runners, decode=3, repeats=2, long_decode=10, long_window=4,
+                             long_lengths=[72], long_names=["kivi-2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(row["length"], row["name"]) for row in rows] == [(24, BASELINE), (24, "kivi-2"), (72, BASELINE), (72, "kivi-2")]
+    for row in rows:
+        for key in ("prefill_s", "decode_ms", "decode_mean_ms", "prefill_ratio", "decode_ratio", "cache_bytes", "fp16_bytes"):
+            assert row[key] > 0, key
+        assert row["decode_steps_timed"] == 2 * (3 - 2)
+        if row["name"] == BASELINE:
+            assert row["prefill_ratio"] == row["decode_ratio"] == 1.0
+        else:  # what a kvcompress cache holds after the prefill: cache.nbytes()["total"]
+            assert row["cache_bytes"] <= 2 * row["fp16_bytes"] and row["bits_per_element"] in (None, 3.0)
+    long = {row["name"]: row["long_decode"] for row in rows if "long_decode" in row}
+    assert set(long) == {BASELINE, "kivi-2"} and all(row["length"] == 72 for row in rows if "long_decode" in row)
+    assert long[BASELINE]["kth_ratio"] == 1.0 and long["kivi-2"]["kth_tokens"] == [8, 11]
+    assert all(w[key] > 0 for w in long.values() for key in ("first_ms", "kth_ms", "first_ratio", "kth_ratio"))
+    assert "| 72 | kivi-2 |" in e2e.markdown(rows)
