@@ -29,16 +29,11 @@ from typing import Any, Callable
 import torch
 
 from kvcompress import KVCompressError, load_spec
-from kvcompress.evaluate import (
-    BASELINE,
-    Runner,
-    _check_unique_names,
-    cache_figures,
-    pydoc_text,
-    read_text,
-    resolve_device,
-    run_header,
-)
+from kvcompress.eval.command import check_unique_names, resolve_device
+from kvcompress.eval.footprint import cache_figures
+from kvcompress.eval.report import run_header
+from kvcompress.eval.runners import BASELINE, Runner
+from kvcompress.eval.text import pydoc_text, read_text
 from kvcompress.spec import CacheSpec
 
 ROOT = Path(__file__).parent.parent
@@ -232,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {path}: {skipped[-1]['reason']}", file=sys.stderr)
         else:
             specs.append(spec)
-    _check_unique_names(specs)
+    check_unique_names(specs)
     text, source = read_text(args.text, default=pydoc_text)
     device = resolve_device(args.device)
 
-    from kvcompress.hf.models import load_model
+    from kvcompress.hf.loading import load_model
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     model.to(device)

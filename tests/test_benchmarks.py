@@ -38,7 +38,7 @@ def test_codec_benchmark_runs_each_shipped_spec(path):
 
 
 def test_e2e_benchmark_reports_every_config_of_every_length_against_the_baseline():
-    from kvcompress.evaluate import BASELINE, Runner
+    from kvcompress.eval.runners import BASELINE, Runner
     from kvcompress.testing import VOCAB, tiny_model
 
     e2e = _load_benchmark("e2e")

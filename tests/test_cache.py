@@ -152,8 +152,8 @@ def test_kivi2_at_4096_tokens_holds_under_a_fifth_of_fp16(make_model):
     page = 32 * 2 * 32 * 3 // 8
     for role in ("keys", "values"):
         assert payload <= summary["nbytes"][role] <= payload * GROWTH + 2 * page, summary
-    # Everything held, the 32-token bf16 window included, is under 0.21 of an fp16 cache.
-    assert summary["nbytes"]["total"] <= 0.21 * summary["fp16_nbytes"], summary
+    # Everything held, the 32-token bf16 window and the headroom included, is under 0.22 of an fp16 cache.
+    assert summary["nbytes"]["total"] <= 0.22 * summary["fp16_nbytes"], summary
     # KIVI-2 with groups of 32: 2-bit codes plus an fp16 scale and minimum per group = 3 bits per element.
     assert summary["key_bits"] == summary["value_bits"] == 3.0
     assert storage_nbytes(reachable_tensors(cache)) == summary["nbytes"]["total"]

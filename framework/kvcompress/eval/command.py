@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `kvcompress eval`; returns the exit status."""
     # Everything that can be wrong with the command line fails here, before the model loads.
     specs = [load_spec(path) for path in args.specs]
-    _check_unique_names(specs)
+    check_unique_names(specs)
     text, source = read_text(args.text)
     if args.task == "ppl":
         protocol = Protocol(args.context, args.continuation, args.chunk)
@@ -99,7 +99,7 @@ def resolve_device(name: str) -> "torch.device":
     return device
 
 
-def _check_unique_names(specs: list[CacheSpec]) -> None:
+def check_unique_names(specs: list[CacheSpec]) -> None:
     seen: dict[str, str | None] = {BASELINE: None}
     for spec in specs:
         if spec.name in seen:
