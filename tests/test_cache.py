@@ -296,3 +296,54 @@ def test_exact_new_tokens_reads_history_compressed_and_the_new_tokens_exactly(ma
         step_expected = model(ids[:, 64:], past_key_values=reference).logits
         step_exact = model(ids[:, 64:], past_key_values=exact).logits
     assert (step_exact - step_expected).abs().max() > 1e-3  # the history is read from 2-bit state
+
+
+def test_positions_follow_crop_beam_reorder_and_batch_selection(make_model, make_float_spec):
+    model = make_model("llama")
+    cache = kvcompress.cache_for(model, make_float_spec(window=4, sinks=2))
+    ids = torch.randint(0, 128, (3, 15), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    assert torch.equal(layer.held_positions(), torch.arange(15).expand(3, 2, 15))
+    cache.crop(-3)
+    assert cache.get_seq_length() == 12 and torch.equal(layer.held_positions(), torch.arange(12).expand(3, 2, 12))
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    assert torch.equal(layer.held_positions(), torch.arange(12).expand(2, 2, 12))
+    with torch.no_grad():
+        model(ids[[2, 0], 12:13], past_key_values=cache)
+    assert cache.get_seq_length() == 13 and torch.equal(layer.held_positions(), torch.arange(13).expand(2, 2, 13))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_after_selecting_tokens_attention_reads_the_kept_ones_at_their_positions(arch, make_model, make_float_spec):
+    """Drop packed tokens from every layer's stores (what eviction will do): the layer holds fewer tokens than it
+    has seen, the sequence length and new positions stay right, and the next logits equal a DynamicCache run whose
+    attention mask hides the dropped positions."""
+    model = make_model(arch)
+    cache = kvcompress.cache_for(model, make_float_spec(window=3, sinks=1))
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        model(ids[:, :20], past_key_values=cache)
+    layer = cache.layers[0]
+    assert (layer.sink_tokens, layer.compressed_tokens, layer.tail_tokens) == (1, 16, 3)
+    keep = torch.tensor([0, 1, 2, 6, 7, 11, 12, 13, 14, 15])  # packed token indices: positions 1-3, 7-8, 12-16
+    dropped = [4, 5, 6, 9, 10, 11]
+    for each in cache.layers:
+        for store in (each.key_store, each.value_store):
+            store.select(keep.expand(2, 2, -1))
+    held = layer.held_positions()
+    assert cache.get_seq_length() == 20 and held.shape[-1] == 14
+    assert held[0, 0].tolist() == [0, 1, 2, 3, 7, 8, 12, 13, 14, 15, 16, 17, 18, 19]
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[:, dropped] = 0
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :20], past_key_values=reference)
+        for stop in (21, 22, 24):
+            start = cache.get_seq_length()
+            expected = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=reference).logits
+            got = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == 24

@@ -80,12 +80,12 @@ class TokenStore:
         first_position: the absolute position of the state's first token; the positions of appended tokens
         follow it. Only needed once positions are explicit (after select); otherwise they are implicit.
         """
-        if self.layout is None:
-            self._initialize(state, first_position or 0)
-        self._check(state)
         count = state.tokens
         if count == 0:
             return
+        if self.layout is None:
+            self._initialize(state, first_position or 0)
+        self._check(state)
         if self.uniform:
             self._reserve(self.length + count)
             start = self.length

@@ -290,6 +290,20 @@ class CompressedLayer(CacheLayerMixin):
         self.tail_keys = keys[:, :, overflow:].clone(memory_format=torch.contiguous_format)
         self.tail_values = values[:, :, overflow:].clone(memory_format=torch.contiguous_format)
 
+    def held_positions(self) -> torch.Tensor:
+        """The absolute position of every token the layer holds, in order (sinks, packed, tail): int64
+        [batch, kv_heads, sinks + longest packed head + tail], -1 where a head holds fewer packed tokens."""
+        batch = self.tail_keys.shape[0] if self.is_initialized else 0
+        shape = (batch, self.kv_heads)
+        parts = [torch.arange(self.sink_tokens).expand(*shape, -1)]
+        if self.key_store.length:
+            packed = self.key_store.token_positions()
+            packed = torch.arange(packed.start, packed.stop).expand(*shape, -1) if isinstance(packed, range) else packed
+            padding = self.key_store.padding()
+            parts.append(packed if padding is None else packed.masked_fill(padding, -1))
+        parts.append(torch.arange(self.seen - self.tail_tokens, self.seen).expand(*shape, -1))
+        return torch.cat([p.to(torch.int64).cpu() for p in parts], dim=-1)
+
     # ---------------------------------------------------------------------------------------------
     # what transformers asks of a cache layer
 
