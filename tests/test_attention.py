@@ -228,3 +228,55 @@ def test_beam_search_reorders_the_compressed_cache(make_model, make_float_spec):
         cache = kvcompress.cache_for(model, make_float_spec(window=2))
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, past_key_values=cache)
     assert generated.tolist() == reference.tolist()
+
+
+class FloatPairReader(kvcompress.Reader):
+    """A layer-level reader for float keys and values: decodes both roles in one pass and counts its calls."""
+
+    calls = 0
+
+    def __init__(self, codecs):
+        self.codecs = codecs
+
+    def attend(self, query, keys, values, bias, scale, softcap):
+        FloatPairReader.calls += 1
+        k = self.codecs.keys.decode(keys).float()
+        v = self.codecs.values.decode(values).float()
+        scores = (query.float() @ k.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+class FloatPairPlugin:
+    @hookimpl
+    def kvcompress_readers(self):
+        return [
+            kvcompress.ReaderMethod(
+                name="float-pair", factory=lambda codecs, ctx: FloatPairReader(codecs),
+                keys=frozenset({"float"}), values=frozenset({"float"}),
+            )
+        ]
+
+
+def test_a_registered_reader_reads_the_layers_whose_method_pair_it_declares(make_model, make_float_spec):
+    registry = Registry(entry_points=False)
+    registry.register(FloatPairPlugin(), "float-pair-plugin")
+    spec = make_float_spec(window=2)
+    model = make_model("qwen2")
+    ids = torch.randint(0, 128, (2, PROMPT + 3), generator=torch.Generator().manual_seed(11))
+    FloatPairReader.calls = 0
+    cache = kvcompress.cache_for(model, spec, registry=registry)
+    assert all(isinstance(layer.codecs.reader, FloatPairReader) for layer in cache.layers)
+    logits = chunked_logits(model, ids, cache)
+    # 3 forwards read a packed middle (the prompt's forward has none), in each of 2 layers.
+    assert FloatPairReader.calls == 3 * 2
+    torch.testing.assert_close(logits, chunked_logits(model, ids, DynamicCache(config=model.config)), atol=1e-5, rtol=0)
+    # A pair the reader does not declare gets the default reader, through the estimators.
+    spec["values"]["quantizer"]["method"] = "float"
+    spec["keys"]["quantizer"] = {"method": "scalar", "bits": 8, "axis": "token", "group": 16}
+    installed = Registry()
+    installed.register(FloatPairPlugin(), "float-pair-plugin")
+    other = kvcompress.cache_for(model, spec, registry=installed)
+    assert not any(isinstance(layer.codecs.reader, FloatPairReader) for layer in other.layers)

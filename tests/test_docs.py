@@ -30,3 +30,17 @@ def test_docs_name_every_stage_and_its_hook():
     for stage in STAGES.values():
         assert f"| `{stage.hook}` | `{stage.descriptor.__name__}` |" in architecture
         assert f"| `{stage.hook}` | `{stage.descriptor.__name__}(" in guide
+
+
+def test_the_module_table_in_architecture_md_matches_the_tree():
+    import re
+
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^\| `((?:framework|kernels|plugins)/[^`]+\.py)` \|", architecture, flags=re.M))
+    modules = {path.relative_to(ROOT) for top in ("framework", "kernels", "plugins") for path in (ROOT / top).rglob("*.py")}
+    # a plugin package's __init__.py only names the package (the table says so once)
+    tree = {
+        str(path) for path in modules
+        if "tests" not in path.parts and not (path.parts[0] == "plugins" and path.name == "__init__.py")
+    }
+    assert listed == tree, f"in the tree, not in the table: {sorted(tree - listed)}; in the table only: {sorted(listed - tree)}"

@@ -16,6 +16,7 @@ from kvcompress.methods import (
     ModelAdapter,
     PrunerMethod,
     QuantizerMethod,
+    ReaderMethod,
     TransformMethod,
 )
 from kvcompress.plugins import Registry, get_registry, set_registry
@@ -31,6 +32,7 @@ _LAZY = {
     "Estimator": "kvcompress.runtime",
     "Observation": "kvcompress.runtime",
     "Quantizer": "kvcompress.runtime",
+    "Reader": "kvcompress.runtime",
     "Transform": "kvcompress.runtime",
     "PackedState": "kvcompress.state",
     "CompressedCache": "kvcompress.hf.cache",
@@ -66,6 +68,8 @@ __all__ = [
     "PrunerMethod",
     "Quantizer",
     "QuantizerMethod",
+    "Reader",
+    "ReaderMethod",
     "Registry",
     "SpecError",
     "Transform",
