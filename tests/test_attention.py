@@ -280,3 +280,46 @@ def test_a_registered_reader_reads_the_layers_whose_method_pair_it_declares(make
     installed.register(FloatPairPlugin(), "float-pair-plugin")
     other = kvcompress.cache_for(model, spec, registry=installed)
     assert not any(isinstance(layer.codecs.reader, FloatPairReader) for layer in other.layers)
+
+
+def test_packed_middle_with_uneven_heads_reads_each_heads_own_tokens_at_their_positions():
+    """After a per-head selection the heads hold different tokens (and counts): attention over the packed
+    middle equals, head by head, softmax attention over that head's kept tokens, masked by their positions."""
+    from kvcompress.pipeline import EstimatorReader
+    from kvcompress.store import TokenStore
+    from kvcompress.testing import make_codec
+
+    gen = torch.Generator().manual_seed(12)
+    b, hkv, groups, q, t, d = 2, 2, 3, 2, 12, 8
+    keys, values = torch.randn(2, b, hkv, t, d, generator=gen)
+    query = torch.randn(b, hkv * groups, q, d, generator=gen)
+    codecs = [make_codec({"method": "float", "dtype": "float32"}, role=role, head_dim=d, kv_heads=hkv) for role in ("keys", "values")]
+    stores = [TokenStore(), TokenStore()]
+    for store, codec, x in zip(stores, codecs, (keys, values)):
+        store.append(codec.encode(x), first_position=0)
+    kept = [[[0, 2, 3, 7, 9], [1, 4]], [[5, 6, 7, 8, 10], [0, 1, 2, 11]]]  # per sequence and head
+    counts = torch.tensor([[len(k) for k in row] for row in kept])
+    keep = torch.zeros(b, hkv, int(counts.max()), dtype=torch.int64)
+    for s in range(b):
+        for h in range(hkv):
+            keep[s, h, : len(kept[s][h])] = torch.tensor(kept[s][h])
+    for store in stores:
+        store.select(keep, counts)
+    # the model's mask: queries at positions 12, 13; position 7 hidden from the second sequence (padding)
+    mask = torch.ones(b, 1, q, t + q, dtype=torch.bool)
+    mask[..., t:] = torch.ones(q, q, dtype=torch.bool).tril()
+    mask[1, :, :, 7] = False
+    segment = Segment(stores=tuple(stores), reader=EstimatorReader(*codecs))
+    new_keys, new_values = torch.randn(2, b, hkv, q, d, generator=gen)
+    segments = [segment, Segment(range(t, t + q), new_keys, new_values)]
+    out = attention.attend(query, segments, t, mask, scaling=0.4)
+    for s in range(b):
+        for h in range(hkv):
+            visible = [p for p in kept[s][h] if mask[s, 0, 0, p]]
+            k = torch.cat([keys[s, h, visible], new_keys[s, h]])
+            v = torch.cat([values[s, h, visible], new_values[s, h]])
+            causal = torch.ones(q, len(visible) + q, dtype=torch.bool).tril(len(visible))
+            for g in range(groups):
+                head = h * groups + g
+                scores = (query[s, head] @ k.T * 0.4).masked_fill(~causal, float("-inf"))
+                torch.testing.assert_close(out[s, :, head], scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
