@@ -1,12 +1,15 @@
 """Speed and memory of each spec's codecs at long context, printed as JSON.
 
 For every spec and context length: bytes per token from the stored state, encode throughput, and the time
-of one decoding step of attention read from the compressed state (scores through the keys' estimator,
-softmax, value mix through the values' estimator), next to torch's scaled_dot_product_attention on a
-float16 cache of the same shape (float32 on CPU, where float16 matmuls are slow). Runs on CUDA when
-present (the Triton kernels are used there), otherwise on the CPU.
+of one decoding step of attention read from the compressed state through the layer's reader (what the
+cache runs: a fused reader where one is installed, else the keys' estimator scores, softmax and the
+values' estimator mix), the same step through the decode estimator (decode the state to floats, then
+matmul), and torch's scaled_dot_product_attention on a float16 cache of the same shape (float32 on CPU,
+where float16 matmuls are slow). The machine may be shared and noisy: every repeat times the three back to
+back, and the ratios to SDPA are medians of per-repeat ratios. Runs on CUDA when present (the Triton
+kernels are used there), otherwise on the CPU.
 
-    python benchmarks/codecs.py [SPEC ...] [--contexts 1024 4096 16384] [--kv-heads 8 --head-dim 128]
+    python benchmarks/codecs.py [SPEC ...] [--contexts 1024 4096 16384] [--kv-heads 8 --head-dim 128] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,37 +17,49 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kvcompress import load_spec
-from kvcompress.pipeline import build_codecs
+from kvcompress.builtin_runtime import DecodeEstimator
+from kvcompress.pipeline import EstimatorReader, build_codecs
 from kvcompress.runtime import Observation
 
 ROOT = Path(__file__).parent.parent
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up."""
+def clock(fn, device: torch.device) -> float:
+    """Seconds of one fn() call (synchronized on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each run per repeat, the runs timed back to back in every repeat, after one warm-up."""
+    for run in runs.values():
+        run()
+    samples = {name: [] for name in runs}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
+        for name, run in runs.items():
+            samples[name].append(clock(run, device))
+    return samples
 
 
 def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device: torch.device) -> list[dict]:
     spec = load_spec(path)
     layer = build_codecs(spec, spec.min_layers(), args.head_dim, args.kv_heads)[0]
+    # the same codecs read through the decode estimator: the state decoded to floats, then matmul
+    decoding = EstimatorReader(*(replace(codec, estimator=DecodeEstimator(codec.quantizer)) for codec in (layer.keys, layer.values)))
     rows = []
     for context in contexts:
         tokens = context - context % layer.token_block
@@ -62,18 +77,18 @@ def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device
 
         key_state, value_state = encode()
         scale = args.head_dim**-0.5
-
-        def step():
-            weights = torch.softmax(layer.keys.scores(query, key_state).float() * scale, dim=-1)
-            return layer.values.mix(weights, value_state)
-
         reference_dtype = torch.float16 if device.type == "cuda" else torch.float32
         k_ref, v_ref, q_ref = keys.to(reference_dtype), values.to(reference_dtype), query.to(reference_dtype)
-
-        def sdpa():
-            return torch.nn.functional.scaled_dot_product_attention(q_ref, k_ref, v_ref)
-
-        error = ((step() - sdpa().float()).norm() / sdpa().float().norm()).item()
+        runs = {
+            "attention": lambda: layer.reader.attend(query, key_state, value_state, None, scale, None)[0],
+            "decode": lambda: decoding.attend(query, key_state, value_state, None, scale, None)[0],
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q_ref, k_ref, v_ref),
+        }
+        exact = runs["sdpa"]().float()
+        error = ((runs["attention"]() - exact).norm() / exact.norm()).item()
+        samples = interleaved(runs, args.repeats, device)
+        ms = {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+        ratio = {name: statistics.median(a / b for a, b in zip(samples[name], samples["sdpa"])) for name in ("attention", "decode")}
         stored = key_state.nbytes() + value_state.nbytes()
         rows.append({
             "spec": spec.name,
@@ -81,9 +96,12 @@ def bench_spec(path: Path, contexts: list[int], args: argparse.Namespace, device
             "bits_per_element": stored * 8 / (2 * keys.numel()),
             "bytes": stored,
             "fp16_bytes": 2 * keys.numel() * 2,
-            "encode_tokens_per_s": tokens / timed(encode, args.repeats, device),
-            "attention_step_ms": 1e3 * timed(step, args.repeats, device),
-            "sdpa_step_ms": 1e3 * timed(sdpa, args.repeats, device),
+            "encode_tokens_per_s": tokens / statistics.median(interleaved({"encode": encode}, args.repeats, device)["encode"]),
+            "attention_step_ms": ms["attention"],
+            "decode_step_ms": ms["decode"],
+            "sdpa_step_ms": ms["sdpa"],
+            "attention_vs_sdpa": ratio["attention"],
+            "decode_vs_sdpa": ratio["decode"],
             "sdpa_dtype": str(reference_dtype).removeprefix("torch."),
             "output_rel_error_vs_exact": error,
         })
@@ -98,8 +116,11 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--group", type=int, default=3, help="query heads per KV head (one decoding step)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = [Path(p) for p in args.specs] or sorted((ROOT / "specs").glob("*.yaml"))
     results = []
