@@ -29,14 +29,23 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
             name: sorted(p.method.model_types) for name, p in sorted(registry.adapters().items())
             if p.plugin.name == info.name
         } if info.error is None else {}
+        readers = {
+            p.method.name: {"keys": sorted(p.method.keys), "values": sorted(p.method.values)}
+            for p in registry.readers() if p.plugin.name == info.name
+        } if info.error is None else {}
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
-                     "methods": {k: v for k, v in methods.items() if v}, "adapters": adapters, "error": info.error})
+                     "methods": {k: v for k, v in methods.items() if v}, "adapters": adapters, "readers": readers,
+                     "error": info.error})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         adapters = [f"{name} ({', '.join(types)})" for name, types in row["adapters"].items()]
-        provided = {**row["methods"], "model adapters": adapters}
+        readers = [
+            f"{name} ({'/'.join(', '.join(pair[role]) or 'any' for role in ('keys', 'values'))})"
+            for name, pair in row["readers"].items()
+        ]
+        provided = {**row["methods"], "readers": readers, "model adapters": adapters}
         status = f"FAILED: {row['error']}" if row["error"] else "; ".join(f"{k}: {', '.join(v)}" for k, v in provided.items() if v)
         print(f"{row['distribution']} {row['version']} [{row['name']}]  {status}")
     return 0
@@ -127,7 +136,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Real KV-cache compression for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plugins", help="installed plugin distributions and the methods and model adapters each provides")
+    p = sub.add_parser("plugins", help="installed plugin distributions and the methods, readers and model adapters each provides")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_plugins)
 
