@@ -21,7 +21,7 @@ from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import packed_length, unpack_bits_torch
 
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
-SEARCH_CHUNK = 8192
+SEARCH_CHUNK = 2048
 # Tokens scored at once by the torch lookup-table path.
 SCORE_CHUNK = 2048
 
@@ -34,6 +34,13 @@ def _check_search(residuals: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
+def _nearest_rows(r: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword of float32 rows r [n, g] (n <= SEARCH_CHUNK) given the codewords' squared norms."""
+    scores = torch.addmm(norms, r, codebook.T, alpha=-2.0)
+    # min(-1) gives the first minimum like argmin (ties to the lowest index) and is faster on CPU
+    return scores.min(-1).indices
+
+
 def nearest_codeword_torch(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index (int64 [N]) of the nearest codeword of codebook [C, g] to each residual [N, g]; float32 math."""
     _check_search(residuals, codebook)
@@ -42,8 +49,7 @@ def nearest_codeword_torch(residuals: torch.Tensor, codebook: torch.Tensor) -> t
     norms = c.square().sum(-1)
     out = torch.empty(r.shape[0], dtype=torch.int64, device=r.device)
     for start in range(0, r.shape[0], SEARCH_CHUNK):
-        scores = torch.addmm(norms, r[start : start + SEARCH_CHUNK], c.T, alpha=-2.0)
-        out[start : start + SEARCH_CHUNK] = scores.argmin(-1)  # first minimum: ties to the lowest index
+        out[start : start + SEARCH_CHUNK] = _nearest_rows(r[start : start + SEARCH_CHUNK], c, norms)
     return out
 
 
@@ -56,12 +62,23 @@ def nearest_codeword(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.T
 
 def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Codes int64 [N, depth] of vectors [N, g] through codebooks [depth, C, g]: level by level on the residual."""
-    residual = vectors.float().clone()
+    codebooks = codebooks.float()
     codes = torch.empty(vectors.shape[0], codebooks.shape[0], dtype=torch.int64, device=vectors.device)
-    for level in range(codebooks.shape[0]):
-        code = nearest_codeword(residual, codebooks[level])
-        codes[:, level] = code
-        residual -= codebooks[level].float()[code]
+    if use_triton(vectors, codebooks):
+        residual = vectors.float().clone()
+        for level in range(codebooks.shape[0]):
+            code = nearest_codeword_triton(residual, codebooks[level])
+            codes[:, level] = code
+            residual -= codebooks[level][code]
+        return codes
+    # torch path: a block of SEARCH_CHUNK rows goes through every level while it is in cache
+    norms = codebooks.square().sum(-1)
+    for start in range(0, vectors.shape[0], SEARCH_CHUNK):
+        residual = vectors[start : start + SEARCH_CHUNK].float().clone()
+        for level in range(codebooks.shape[0]):
+            code = _nearest_rows(residual, codebooks[level], norms[level])
+            codes[start : start + SEARCH_CHUNK, level] = code
+            residual -= codebooks[level][code]
     return codes
 
 
