@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
-from kvcompress_kernels.bitpack import packed_length, unpack_bits_torch
+from kvcompress_kernels.bitpack import packed_length, unpack_bits
 
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
 SEARCH_CHUNK = 2048
@@ -105,21 +105,31 @@ def _check_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
         raise ValueError(f"scale {tuple(scale.shape)} must be [batch, heads, tokens] = {tuple(codes.shape[:3])}")
 
 
+def token_codes(codes: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Codes [..., m] of packed codes [..., bytes]: 8-bit codes are the bytes themselves (no unpacking)."""
+    return codes if bits == 8 and codes.shape[-1] == m else unpack_bits(codes, bits, m)
+
+
 def lut_scores_torch(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scores float32 [b, h, n, t] from tables [b, h, n, M, C], packed codes uint8 [b, h, t, bytes], scale [b, h, t]."""
+    """Scores float32 [b, h, n, t] from tables [b, h, n, M, C], packed codes uint8 [b, h, t, bytes], scale [b, h, t].
+
+    One embedding_bag over the tables of all heads as rows [b * h * M * C, n]: a token is a bag of its M
+    entries (code + offset of its code slot and head), summed for all n queries at once.
+    """
     _check_scores(tables, codes, scale, bits)
     b, h, n, m, size = tables.shape
     t = codes.shape[2]
-    flat = tables.float().reshape(b * h, n, m * size)
-    offsets = torch.arange(m, device=codes.device) * size
-    out = torch.empty(b, h, n, t, dtype=torch.float32, device=tables.device)
+    rows = tables.float().permute(0, 1, 3, 4, 2).reshape(b * h * m * size, n)
+    heads = torch.arange(b * h, dtype=torch.int32, device=codes.device).view(b * h, 1, 1)
+    offsets = (heads * m + torch.arange(m, dtype=torch.int32, device=codes.device)) * size
+    out = torch.empty(b * h, n, t, dtype=torch.float32, device=tables.device)
     for start in range(0, t, SCORE_CHUNK):
-        chunk = codes[:, :, start : start + SCORE_CHUNK]
-        width = chunk.shape[2]
-        index = (unpack_bits_torch(chunk, bits, m).long() + offsets).reshape(b * h, 1, width * m)
-        picked = flat.gather(-1, index.expand(b * h, n, width * m)).reshape(b, h, n, width, m)
-        out[..., start : start + width] = picked.sum(-1) * scale[:, :, start : start + width].float().unsqueeze(2)
-    return out
+        chunk = token_codes(codes[:, :, start : start + SCORE_CHUNK], bits, m).reshape(b * h, -1, m)
+        width = chunk.shape[1]
+        index = (offsets + chunk).reshape(b * h * width, m)  # int32: embedding_bag takes it, half the bytes of int64
+        picked = torch.nn.functional.embedding_bag(index, rows, mode="sum").view(b * h, width, n)
+        out[..., start : start + width] = picked.transpose(1, 2)
+    return (out.view(b, h, n, t) * scale.float().unsqueeze(2))
 
 
 def lut_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
