@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress_kernels.bitpack import unpack_bits
 from kvcompress_rvq import kernels
 from kvcompress_rvq.kernels import lut_scores
 from kvcompress.runtime import Estimator, Quantizer
@@ -49,7 +48,7 @@ class LUTEstimator(Estimator):
         for start in range(0, t, kernels.SCORE_CHUNK):
             stop = min(t, start + kernels.SCORE_CHUNK)
             packed = state.tensors["codes"][:, :, start:stop]
-            codes = unpack_bits(packed, rvq.bits, m).long() + offsets  # [b, h, block, m]
+            codes = kernels.token_codes(packed, rvq.bits, m).long().add_(offsets)  # [b, h, block, m]
             index = codes.reshape(b, h, 1, (stop - start) * m).expand(b, h, n, -1)
             weighted = weights[..., start:stop].float() * state.tensors["scale"][:, :, None, start:stop].float()
             source = weighted.unsqueeze(-1).expand(b, h, n, stop - start, m).reshape(b, h, n, -1)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
-from kvcompress_kernels.bitpack import packed_length, unpack_bits_torch
+from kvcompress_kernels.bitpack import packed_length, unpack_bits
 
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
-SEARCH_CHUNK = 8192
+SEARCH_CHUNK = 2048
 # Tokens scored at once by the torch lookup-table path.
 SCORE_CHUNK = 2048
 
@@ -34,6 +34,13 @@ def _check_search(residuals: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
+def _nearest_rows(r: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword of float32 rows r [n, g] (n <= SEARCH_CHUNK) given the codewords' squared norms."""
+    scores = torch.addmm(norms, r, codebook.T, alpha=-2.0)
+    # min(-1) gives the first minimum like argmin (ties to the lowest index) and is faster on CPU
+    return scores.min(-1).indices
+
+
 def nearest_codeword_torch(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index (int64 [N]) of the nearest codeword of codebook [C, g] to each residual [N, g]; float32 math."""
     _check_search(residuals, codebook)
@@ -42,8 +49,7 @@ def nearest_codeword_torch(residuals: torch.Tensor, codebook: torch.Tensor) -> t
     norms = c.square().sum(-1)
     out = torch.empty(r.shape[0], dtype=torch.int64, device=r.device)
     for start in range(0, r.shape[0], SEARCH_CHUNK):
-        scores = torch.addmm(norms, r[start : start + SEARCH_CHUNK], c.T, alpha=-2.0)
-        out[start : start + SEARCH_CHUNK] = scores.argmin(-1)  # first minimum: ties to the lowest index
+        out[start : start + SEARCH_CHUNK] = _nearest_rows(r[start : start + SEARCH_CHUNK], c, norms)
     return out
 
 
@@ -56,12 +62,23 @@ def nearest_codeword(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.T
 
 def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Codes int64 [N, depth] of vectors [N, g] through codebooks [depth, C, g]: level by level on the residual."""
-    residual = vectors.float().clone()
+    codebooks = codebooks.float()
     codes = torch.empty(vectors.shape[0], codebooks.shape[0], dtype=torch.int64, device=vectors.device)
-    for level in range(codebooks.shape[0]):
-        code = nearest_codeword(residual, codebooks[level])
-        codes[:, level] = code
-        residual -= codebooks[level].float()[code]
+    if use_triton(vectors, codebooks):
+        residual = vectors.float().clone()
+        for level in range(codebooks.shape[0]):
+            code = nearest_codeword_triton(residual, codebooks[level])
+            codes[:, level] = code
+            residual -= codebooks[level][code]
+        return codes
+    # torch path: a block of SEARCH_CHUNK rows goes through every level while it is in cache
+    norms = codebooks.square().sum(-1)
+    for start in range(0, vectors.shape[0], SEARCH_CHUNK):
+        residual = vectors[start : start + SEARCH_CHUNK].float().clone()
+        for level in range(codebooks.shape[0]):
+            code = _nearest_rows(residual, codebooks[level], norms[level])
+            codes[start : start + SEARCH_CHUNK, level] = code
+            residual -= codebooks[level][code]
     return codes
 
 
@@ -88,21 +105,31 @@ def _check_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
         raise ValueError(f"scale {tuple(scale.shape)} must be [batch, heads, tokens] = {tuple(codes.shape[:3])}")
 
 
+def token_codes(codes: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """Codes [..., m] of packed codes [..., bytes]: 8-bit codes are the bytes themselves (no unpacking)."""
+    return codes if bits == 8 and codes.shape[-1] == m else unpack_bits(codes, bits, m)
+
+
 def lut_scores_torch(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Scores float32 [b, h, n, t] from tables [b, h, n, M, C], packed codes uint8 [b, h, t, bytes], scale [b, h, t]."""
+    """Scores float32 [b, h, n, t] from tables [b, h, n, M, C], packed codes uint8 [b, h, t, bytes], scale [b, h, t].
+
+    One embedding_bag over the tables of all heads as rows [b * h * M * C, n]: a token is a bag of its M
+    entries (code + offset of its code slot and head), summed for all n queries at once.
+    """
     _check_scores(tables, codes, scale, bits)
     b, h, n, m, size = tables.shape
     t = codes.shape[2]
-    flat = tables.float().reshape(b * h, n, m * size)
-    offsets = torch.arange(m, device=codes.device) * size
-    out = torch.empty(b, h, n, t, dtype=torch.float32, device=tables.device)
+    rows = tables.float().permute(0, 1, 3, 4, 2).reshape(b * h * m * size, n)
+    heads = torch.arange(b * h, dtype=torch.int32, device=codes.device).view(b * h, 1, 1)
+    offsets = (heads * m + torch.arange(m, dtype=torch.int32, device=codes.device)) * size
+    out = torch.empty(b * h, n, t, dtype=torch.float32, device=tables.device)
     for start in range(0, t, SCORE_CHUNK):
-        chunk = codes[:, :, start : start + SCORE_CHUNK]
-        width = chunk.shape[2]
-        index = (unpack_bits_torch(chunk, bits, m).long() + offsets).reshape(b * h, 1, width * m)
-        picked = flat.gather(-1, index.expand(b * h, n, width * m)).reshape(b, h, n, width, m)
-        out[..., start : start + width] = picked.sum(-1) * scale[:, :, start : start + width].float().unsqueeze(2)
-    return out
+        chunk = token_codes(codes[:, :, start : start + SCORE_CHUNK], bits, m).reshape(b * h, -1, m)
+        width = chunk.shape[1]
+        index = (offsets + chunk).reshape(b * h * width, m)  # int32: embedding_bag takes it, half the bytes of int64
+        picked = torch.nn.functional.embedding_bag(index, rows, mode="sum").view(b * h, width, n)
+        out[..., start : start + width] = picked.transpose(1, 2)
+    return (out.view(b, h, n, t) * scale.float().unsqueeze(2))
 
 
 def lut_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -136,10 +136,10 @@ class RVQQuantizer(Quantizer):
         return cls(check_codebooks(ctx.codebook, spec, ctx), Grouping(ctx.head_dim, spec.group, spec.layout))
 
     def codebooks_on(self, device: torch.device) -> torch.Tensor:
-        """The codewords on `device` in float32 (copied to another device once, widened on each call)."""
+        """The codewords on `device` in float32 (copied and widened once per device)."""
         if device not in self._on_device:
-            self._on_device[device] = self.codewords.to(device)
-        return self._on_device[device].float()
+            self._on_device[device] = self.codewords.to(device).float()
+        return self._on_device[device]
 
     def encode(self, x: torch.Tensor) -> PackedState:
         b, h, t, d = x.shape
