@@ -24,7 +24,7 @@ from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import pack_bits_torch
 
 # Tokens scored at once by the torch path (rounded down to whole outlier groups).
-SCORE_CHUNK = 4096
+SCORE_CHUNK = 2048
 
 
 class QJLCodes(NamedTuple):
