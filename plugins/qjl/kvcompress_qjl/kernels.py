@@ -131,28 +131,18 @@ def qjl_scores_torch(
     SCORE_CHUNK tokens at a time (whole outlier groups), which bounds the unpacked signs held at once.
     """
     q = query.float()
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
+    m = sketch.shape[0]
     t = codes.signs.shape[2]
     chunk = max(group, SCORE_CHUNK - SCORE_CHUNK % group)
     sketched = q @ sketch.T  # S q, once for every chunk
-    out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
-    for start in range(0, t, chunk):
-        stop = min(t, start + chunk)
-        part = QJLCodes(*(None if c is None else c[:, :, start:stop] for c in codes))
-        index = None if outlier_index is None else outlier_index[:, :, start // group : stop // group]
-        out[..., start:stop] = _block_scores(q, sketched, part, sketch, scale, index, group)
-    return out
-
-
-def _block_scores(q, sketched, codes: QJLCodes, sketch, scale: float, outlier_index, group: int) -> torch.Tensor:
-    """qjl_scores_torch on one block of tokens; sketched = S q."""
-    b, h, n, d = q.shape
-    m = sketch.shape[0]
-    signs = unpack_signs(codes.signs, m)  # [b, h, t, m]
     norm = codes.norm.float()
     if outlier_index is None:
-        return scale / m * (sketched @ signs.transpose(-1, -2)) * norm.unsqueeze(-2)
-    t = signs.shape[2]
+        out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
+        for start in range(0, t, chunk):
+            signs = unpack_signs(codes.signs[:, :, start : start + chunk], m)  # [b, h, chunk, m]
+            torch.matmul(sketched, signs.transpose(-1, -2), out=out[..., start : start + chunk])
+        return out.mul_(norm.unsqueeze(-2)).mul_(scale / m)
     groups = t // group
     m_out = codes.outlier_signs.shape[-1] * 8
     index = outlier_index.long()  # [b, h, G, o]
@@ -160,16 +150,23 @@ def _block_scores(q, sketched, codes: QJLCodes, sketch, scale: float, outlier_in
     # The query on each group's outlier channels [b, h, G, n, o] times those channels' sketch columns: S q_out
     # [b, h, G, n, m] involves only these, so S q_in = S q - S q_out costs o (not d) per row, and S' q_out is its
     # first m' rows.
+    sketch_t = sketch.T.contiguous()  # [d, m]: row c is channel c's sketch column
     q_out = q.unsqueeze(2).expand(b, h, groups, n, d).gather(-1, index.unsqueeze(3).expand(b, h, groups, n, o))
-    sq_out = q_out @ torch.nn.functional.embedding(index, sketch.T.contiguous())
-    sq_in = sketched.unsqueeze(2) - sq_out
-    inner = sq_in @ signs.reshape(b, h, groups, group, m).transpose(-1, -2)  # <S q_in, sign(S k_in)>
-    signs_out = unpack_signs(codes.outlier_signs, m_out).reshape(b, h, groups, group, m_out)
-    inner_out = sq_out[..., :m_out] @ signs_out.transpose(-1, -2)  # <S' q_out, sign(S' k_out)>
     norm = norm.reshape(b, h, groups, 1, group)
     norm_out = codes.outlier_norm.float().reshape(b, h, groups, 1, group)
-    parts = scale / m * inner * norm + scale / m_out * inner_out * norm_out
-    return parts.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
+    out = torch.empty(b, h, groups, n, group, dtype=torch.float32, device=q.device)
+    per = chunk // group
+    for g in range(0, groups, per):
+        tokens = slice(g * group, (g + per) * group)
+        sq_out = q_out[:, :, g : g + per] @ torch.nn.functional.embedding(index[:, :, g : g + per], sketch_t)
+        sq_in = (sketched.unsqueeze(2) - sq_out).mul_(scale / m)
+        sq_out = sq_out[..., :m_out].mul_(scale / m_out)
+        signs = unpack_signs(codes.signs[:, :, tokens], m).unflatten(2, (-1, group))  # [b, h, G', group, m]
+        # scale/m <S q_in, sign(S k_in)> and scale/m' <S' q_out, sign(S' k_out)>, weighted by their norms
+        inner = torch.matmul(sq_in, signs.transpose(-1, -2), out=out[:, :, g : g + per])
+        signs = unpack_signs(codes.outlier_signs[:, :, tokens], m_out).unflatten(2, (-1, group))
+        inner.mul_(norm[:, :, g : g + per]).addcmul_(sq_out @ signs.transpose(-1, -2), norm_out[:, :, g : g + per])
+    return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
 
 
 def qjl_quantize(
