@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
-from kvcompress_kernels.bitpack import pack_bits_torch, unpack_bits_torch
+from kvcompress_kernels.bitpack import pack_bits_torch
 
 # Tokens scored at once by the torch path (rounded down to whole outlier groups).
 SCORE_CHUNK = 2048
@@ -61,9 +61,18 @@ def group_channel_mask(outlier_index: torch.Tensor, head_dim: int) -> torch.Tens
     return mask.scatter_(-1, outlier_index.long(), True)
 
 
+# The +1/-1 floats of each byte value's bits, LSB first [256, 8], per device.
+_SIGN_ROWS: dict[torch.device, torch.Tensor] = {}
+
+
 def unpack_signs(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    """uint8 [..., rows/8] sign bits -> float32 [..., rows] of +1 (bit set) / -1."""
-    return unpack_bits_torch(packed, 1, rows).float() * 2 - 1
+    """uint8 [..., rows/8] sign bits -> float32 [..., rows] of +1 (bit set) / -1: one 8-float row per byte, looked
+    up in a 256-row table (much cheaper on CPU than shifting out each bit)."""
+    table = _SIGN_ROWS.get(packed.device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        table = _SIGN_ROWS[packed.device] = (bits.float() * 2 - 1).to(packed.device)
+    return torch.nn.functional.embedding(packed.int(), table).reshape(*packed.shape[:-1], rows)
 
 
 def _check_quantize(keys: torch.Tensor, sketch: torch.Tensor, outlier_index: torch.Tensor | None,
@@ -122,49 +131,42 @@ def qjl_scores_torch(
     SCORE_CHUNK tokens at a time (whole outlier groups), which bounds the unpacked signs held at once.
     """
     q = query.float()
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
+    m = sketch.shape[0]
     t = codes.signs.shape[2]
     chunk = max(group, SCORE_CHUNK - SCORE_CHUNK % group)
     sketched = q @ sketch.T  # S q, once for every chunk
-    out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
-    for start in range(0, t, chunk):
-        stop = min(t, start + chunk)
-        part = QJLCodes(*(None if c is None else c[:, :, start:stop] for c in codes))
-        index = None if outlier_index is None else outlier_index[:, :, start // group : stop // group]
-        out[..., start:stop] = _block_scores(q, sketched, part, sketch, scale, index, group)
-    return out
-
-
-def _block_scores(q, sketched, codes: QJLCodes, sketch, scale: float, outlier_index, group: int) -> torch.Tensor:
-    """qjl_scores_torch on one block of tokens; sketched = S q."""
-    b, h, n, d = q.shape
-    m = sketch.shape[0]
-    # <S q, sign(S k)> = 2 <S q, bit> - sum(S q) for bits in {0, 1}: the bits widen straight to floats
-    bits = unpack_bits_torch(codes.signs, 1, m).float()  # [b, h, t, m]
-    inner = 2 * (sketched @ bits.transpose(-1, -2)) - sketched.sum(-1, keepdim=True)
-    scores = scale / m * inner * codes.norm.float().unsqueeze(-2)
+    norm = codes.norm.float()
     if outlier_index is None:
-        return scores
-    t = bits.shape[2]
+        out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
+        for start in range(0, t, chunk):
+            signs = unpack_signs(codes.signs[:, :, start : start + chunk], m)  # [b, h, chunk, m]
+            torch.matmul(sketched, signs.transpose(-1, -2), out=out[..., start : start + chunk])
+        return out.mul_(norm.unsqueeze(-2)).mul_(scale / m)
     groups = t // group
     m_out = codes.outlier_signs.shape[-1] * 8
     index = outlier_index.long()  # [b, h, G, o]
     o = index.shape[-1]
     # The query on each group's outlier channels [b, h, G, n, o] times those channels' sketch columns: S q_out
-    # [b, h, G, n, m] involves only these, so <S q_in, s> = <S q, s> - <S q_out, s> costs o (not d) per row,
-    # and S' q_out is its first m' rows.
+    # [b, h, G, n, m] involves only these, so S q_in = S q - S q_out costs o (not d) per row, and S' q_out is its
+    # first m' rows.
+    sketch_t = sketch.T.contiguous()  # [d, m]: row c is channel c's sketch column
     q_out = q.unsqueeze(2).expand(b, h, groups, n, d).gather(-1, index.unsqueeze(3).expand(b, h, groups, n, o))
-    sq_out = q_out @ sketch.T[index]
-    group_bits = bits.reshape(b, h, groups, group, m).transpose(-1, -2)
-    correction = 2 * (sq_out @ group_bits) - sq_out.sum(-1, keepdim=True)  # <S q_out, sign(S k_in)>
-    out_bits = unpack_bits_torch(codes.outlier_signs, 1, m_out).float()
-    out_bits = out_bits.reshape(b, h, groups, group, m_out).transpose(-1, -2)
-    sq_out = sq_out[..., :m_out]
-    inner_out = 2 * (sq_out @ out_bits) - sq_out.sum(-1, keepdim=True)  # <S' q_out, sign(S' k_out)>
-    norm = codes.norm.float().reshape(b, h, groups, 1, group)
+    norm = norm.reshape(b, h, groups, 1, group)
     norm_out = codes.outlier_norm.float().reshape(b, h, groups, 1, group)
-    parts = scale / m_out * inner_out * norm_out - scale / m * correction * norm
-    return scores + parts.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
+    out = torch.empty(b, h, groups, n, group, dtype=torch.float32, device=q.device)
+    per = chunk // group
+    for g in range(0, groups, per):
+        tokens = slice(g * group, (g + per) * group)
+        sq_out = q_out[:, :, g : g + per] @ torch.nn.functional.embedding(index[:, :, g : g + per], sketch_t)
+        sq_in = (sketched.unsqueeze(2) - sq_out).mul_(scale / m)
+        sq_out = sq_out[..., :m_out].mul_(scale / m_out)
+        signs = unpack_signs(codes.signs[:, :, tokens], m).unflatten(2, (-1, group))  # [b, h, G', group, m]
+        # scale/m <S q_in, sign(S k_in)> and scale/m' <S' q_out, sign(S' k_out)>, weighted by their norms
+        inner = torch.matmul(sq_in, signs.transpose(-1, -2), out=out[:, :, g : g + per])
+        signs = unpack_signs(codes.outlier_signs[:, :, tokens], m_out).unflatten(2, (-1, group))
+        inner.mul_(norm[:, :, g : g + per]).addcmul_(sq_out @ signs.transpose(-1, -2), norm_out[:, :, g : g + per])
+    return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
 
 
 def qjl_quantize(
