@@ -22,6 +22,7 @@ float32 whatever the query dtype, returning that dtype.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,21 @@ def fp8_halves(codes: torch.Tensor) -> torch.Tensor:
     return widened.view(torch.float16).float()
 
 
+_scratch = threading.local()
+
+
+def scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of at least `numel` elements, reused by every read of this thread: a fresh multi-MB
+    output per read costs page faults that take longer than filling it. Its contents live until the next read."""
+    held = getattr(_scratch, "buffers", None)
+    if held is None:
+        held = _scratch.buffers = {}
+    buffer = held.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = held[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer[:numel]
+
+
 class CodeReader:
     """Float values of packed b-bit codes: `values[code]` for each code (codes 0..2^b - 1 for min/max)."""
 
@@ -54,6 +70,8 @@ class CodeReader:
         self.bits = bits
         self.values = values.float()
         self.per_byte = 8 // bits if 8 % bits == 0 else 0
+        # 4-bit codes standing for themselves (min/max) widen fastest by two shifts into a reused buffer
+        self.nibbles = bits == 4 and torch.equal(self.values, torch.arange(16, dtype=torch.float32))
         table = None
         if self.per_byte:
             shifts = torch.arange(0, 8, bits)
@@ -75,8 +93,15 @@ class CodeReader:
         width = n // groups
         if table is not None and width % self.per_byte == 0:
             # whole bytes per group: reorder the (small) byte index group-major, then one lookup
-            index = packed.reshape(b, h, t, groups, width // self.per_byte).transpose(2, 3).contiguous()
-            return F.embedding(index.int(), table).reshape(b, h, groups, t, width)
+            index = packed.reshape(b, h, t, groups, width // self.per_byte).transpose(2, 3)
+            if self.nibbles:
+                out = scratch(b * h * t * n, packed.device).view(b, h, groups, t, width // 2, 2)
+                out[..., 0].copy_(index & 15)
+                out[..., 1].copy_(index >> 4)
+                return out.view(b, h, groups, t, width)
+            out = scratch(b * h * t * n, packed.device).view(-1, self.per_byte)
+            torch.index_select(table, 0, index.reshape(-1).int(), out=out)
+            return out.view(b, h, groups, t, width)
         codes = values[unpack_bits(packed, self.bits, n).long()]
         return codes.reshape(b, h, t, groups, width).transpose(2, 3)
 
