@@ -22,6 +22,7 @@ import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
 from kvcompress_kernels.bitpack import pack_bits_torch
+from kvcompress_kernels.scratch import scratch
 
 # Tokens scored at once by the torch path (rounded down to whole outlier groups).
 SCORE_CHUNK = 2048
@@ -65,14 +66,18 @@ def group_channel_mask(outlier_index: torch.Tensor, head_dim: int) -> torch.Tens
 _SIGN_ROWS: dict[torch.device, torch.Tensor] = {}
 
 
-def unpack_signs(packed: torch.Tensor, rows: int) -> torch.Tensor:
+def unpack_signs(packed: torch.Tensor, rows: int, slot: str | None = None) -> torch.Tensor:
     """uint8 [..., rows/8] sign bits -> float32 [..., rows] of +1 (bit set) / -1: one 8-float row per byte, looked
-    up in a 256-row table (much cheaper on CPU than shifting out each bit)."""
+    up in a 256-row table (much cheaper on CPU than shifting out each bit). slot: write into this thread's
+    reused buffer of that name (kvcompress_kernels.scratch; valid until the slot's next use) instead of a fresh
+    tensor."""
     table = _SIGN_ROWS.get(packed.device)
     if table is None:
         bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
         table = _SIGN_ROWS[packed.device] = (bits.float() * 2 - 1).to(packed.device)
-    return torch.nn.functional.embedding(packed.int(), table).reshape(*packed.shape[:-1], rows)
+    index = packed.reshape(-1).int()
+    out = None if slot is None else scratch(index.numel() * 8, packed.device, slot).view(-1, 8)
+    return torch.index_select(table, 0, index, out=out).reshape(*packed.shape[:-1], rows)
 
 
 def _check_quantize(keys: torch.Tensor, sketch: torch.Tensor, outlier_index: torch.Tensor | None,
@@ -140,7 +145,7 @@ def qjl_scores_torch(
     if outlier_index is None:
         out = torch.empty(b, h, n, t, dtype=torch.float32, device=q.device)
         for start in range(0, t, chunk):
-            signs = unpack_signs(codes.signs[:, :, start : start + chunk], m)  # [b, h, chunk, m]
+            signs = unpack_signs(codes.signs[:, :, start : start + chunk], m, "qjl signs")  # [b, h, chunk, m]
             torch.matmul(sketched, signs.transpose(-1, -2), out=out[..., start : start + chunk])
         return out.mul_(norm.unsqueeze(-2)).mul_(scale / m)
     groups = t // group
@@ -161,10 +166,10 @@ def qjl_scores_torch(
         sq_out = q_out[:, :, g : g + per] @ torch.nn.functional.embedding(index[:, :, g : g + per], sketch_t)
         sq_in = (sketched.unsqueeze(2) - sq_out).mul_(scale / m)
         sq_out = sq_out[..., :m_out].mul_(scale / m_out)
-        signs = unpack_signs(codes.signs[:, :, tokens], m).unflatten(2, (-1, group))  # [b, h, G', group, m]
+        signs = unpack_signs(codes.signs[:, :, tokens], m, "qjl signs").unflatten(2, (-1, group))  # [b, h, G', group, m]
         # scale/m <S q_in, sign(S k_in)> and scale/m' <S' q_out, sign(S' k_out)>, weighted by their norms
         inner = torch.matmul(sq_in, signs.transpose(-1, -2), out=out[:, :, g : g + per])
-        signs = unpack_signs(codes.outlier_signs[:, :, tokens], m_out).unflatten(2, (-1, group))
+        signs = unpack_signs(codes.outlier_signs[:, :, tokens], m_out, "qjl outlier signs").unflatten(2, (-1, group))
         inner.mul_(norm[:, :, g : g + per]).addcmul_(sq_out @ signs.transpose(-1, -2), norm_out[:, :, g : g + per])
     return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
 

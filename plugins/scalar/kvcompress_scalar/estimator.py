@@ -22,7 +22,6 @@ float32 whatever the query dtype, returning that dtype.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from kvcompress.runtime import Estimator, Quantizer
 from kvcompress.state import PackedState
 from kvcompress_kernels.bitpack import unpack_bits
+from kvcompress_kernels.scratch import scratch
 from kvcompress_scalar.quantizers import FP8Quantizer, LloydMaxQuantizer, MinMaxQuantizer
 
 # Tokens read at once: bounds the float codes held during a read (b x h x READ_BLOCK x head_dim floats).
@@ -46,21 +46,6 @@ def fp8_halves(codes: torch.Tensor) -> torch.Tensor:
     """
     widened = (codes.view(torch.int8).to(torch.int16) << 7) & ~0x4000
     return widened.view(torch.float16).float()
-
-
-_scratch = threading.local()
-
-
-def scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of at least `numel` elements, reused by every read of this thread: a fresh multi-MB
-    output per read costs page faults that take longer than filling it. Its contents live until the next read."""
-    held = getattr(_scratch, "buffers", None)
-    if held is None:
-        held = _scratch.buffers = {}
-    buffer = held.get(device)
-    if buffer is None or buffer.numel() < numel:
-        buffer = held[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buffer[:numel]
 
 
 class CodeReader:
