@@ -96,6 +96,8 @@ def test_selection_per_head_keeps_rows_and_positions_and_frees_the_rest(data):
             padding = store.padding()
             if padding is not None:
                 assert padding[b, h].tolist() == [False] * count + [True] * (width - count)
+            # padding rows hold zeros (finite whatever decodes them: attention weighs them 0, and 0 * NaN is NaN)
+            assert not store.view().tensors["x"][b, h, count:].any()
     # appending after an uneven selection lands after each head's own tokens, at the positions given
     store.append(block(GROUP, 100), first_position=500)
     check_accounting(store)

@@ -2,7 +2,8 @@
 
 For every tensor of the role's PackedState the store holds one buffer [batch, kv_heads, capacity rows, ...],
 filled from row 0. `tokens` [batch, kv_heads] says how many tokens each (sequence, KV head) holds, so heads
-may hold different counts (token eviction with per-head budgets); rows past a head's count are padding.
+may hold different counts (token eviction with per-head budgets); rows past a head's count are padding, zeros
+(so that whatever decodes them gives finite values, which attention then weighs 0).
 
 - Appending writes the new rows after each head's last one: O(rows appended). When the buffers are full
   they are reallocated `GROWTH` times larger (rounded up to a page of PAGE_TOKENS tokens), so a generation
@@ -161,12 +162,12 @@ class TokenStore:
         capacity = -(-tokens // page) * page
         for name, buffer in self.buffers.items():
             per = self.layout.tokens_per_row[name]
-            grown = buffer.new_empty(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
+            grown = buffer.new_zeros(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
             used = self.length // per
             grown[:, :, :used] = buffer[:, :, :used]
             self.buffers[name] = grown
         if self.positions is not None:
-            grown = self.positions.new_empty(*self.positions.shape[:2], capacity)
+            grown = self.positions.new_zeros(*self.positions.shape[:2], capacity)
             grown[..., : self.length] = self.positions[..., : self.length]
             self.positions = grown
         self.capacity = capacity
@@ -215,7 +216,9 @@ class TokenStore:
                 if not torch.equal(whole[valid], keep[valid]):
                     raise KVCompressError(f"{self.name}: tensor {name!r} stores one row per {per} tokens; keep whole groups")
             gathered = buffer.gather(ROW_DIM, _expand_index(rows, buffer))
-            fresh = buffer.new_empty(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
+            unused = torch.arange(n // per, device=keep.device) >= (counts // per)[..., None]
+            gathered.masked_fill_(_expand_index(unused, gathered), 0)
+            fresh = buffer.new_zeros(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
             fresh[:, :, : n // per] = gathered
             self.buffers[name] = fresh
         self.positions = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=keep.device)

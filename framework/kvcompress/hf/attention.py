@@ -125,7 +125,7 @@ def attend(
     outputs, lses = [], []
     for segment in segments:
         if segment.stores is None:
-            bias = _dense_bias(segment.positions, attention_mask, first_query, q_len, causal, query.dtype)
+            bias = _dense_bias(segment.positions, attention_mask, first_query, q_len, causal, query)
             output, lse = dense_partial(query, segment.keys, segment.values, bias, scaling, softcap)
         else:
             output, lse = _packed_partial(query, segment, attention_mask, first_query, causal, scaling, softcap)
@@ -136,13 +136,15 @@ def attend(
 
 
 def _dense_bias(
-    positions: range, mask: torch.Tensor | None, first_query: int, q_len: int, causal: bool, dtype: torch.dtype
+    positions: range, mask: torch.Tensor | None, first_query: int, q_len: int, causal: bool, query: torch.Tensor
 ) -> torch.Tensor | None:
-    """Additive bias [b, 1|hq, q, t] of a segment at contiguous positions (None: every token visible)."""
+    """Additive bias [b, 1|hq, q, t] (in the query's dtype) of a segment at contiguous positions (None: every
+    token visible)."""
     if mask is not None:
-        return bias_from_mask(mask[..., positions.start : positions.stop], dtype)
+        return bias_from_mask(mask[..., positions.start : positions.stop], query.dtype)
     if causal and positions.stop > first_query + 1:
-        return _causal_bias(torch.arange(positions.start, positions.stop), first_query, q_len, dtype)
+        tensor = torch.arange(positions.start, positions.stop, device=query.device)
+        return _causal_bias(tensor, first_query, q_len, query.dtype)
     return None
 
 
@@ -206,7 +208,10 @@ def _packed_bias(
     elif causal:
         last = positions.stop - 1 if isinstance(positions, range) else int(positions.max())
         if last > first_query:
-            tensor = torch.arange(positions.start, positions.stop) if isinstance(positions, range) else positions
+            tensor = (
+                torch.arange(positions.start, positions.stop, device=store.tokens.device)
+                if isinstance(positions, range) else positions
+            )
             bias = _group_rows(_causal_bias(tensor, first_query, q_len, torch.float32), groups, store.tokens.shape[1])
     padding = store.padding(start, stop)
     if padding is not None:
