@@ -235,10 +235,15 @@ class CompressedLayer(CacheLayerMixin):
             segments.append(Segment(range(0, self.sink_tokens), self.sink_keys, self.sink_values))
         if self.key_store.length:
             segments.append(Segment(stores=(self.key_store, self.value_store), reader=self.codecs.reader))
-        if self.tail_tokens:
-            segments.append(Segment(range(self.seen - self.tail_tokens, self.seen), self.tail_keys, self.tail_values))
+        start = self.seen - self.tail_tokens
         if self.exact_new_tokens:
-            segments.append(Segment(range(self.seen, self.seen + keys.shape[2]), keys, values))
+            # the tail and the new tokens are contiguous: one dense segment (a copy of at most window + run
+            # tokens is cheaper than a second attention call and partial)
+            if self.tail_tokens:
+                keys, values = torch.cat([self.tail_keys, keys], dim=2), torch.cat([self.tail_values, values], dim=2)
+            segments.append(Segment(range(start, start + keys.shape[2]), keys, values))
+        elif self.tail_tokens:
+            segments.append(Segment(range(start, self.seen), self.tail_keys, self.tail_values))
         return segments, first_query
 
     def abort_forward(self) -> None:
