@@ -323,3 +323,14 @@ def test_packed_middle_with_uneven_heads_reads_each_heads_own_tokens_at_their_po
                 head = h * groups + g
                 scores = (query[s, head] @ k.T * 0.4).masked_fill(~causal, float("-inf"))
                 torch.testing.assert_close(out[s, :, head], scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_one_dense_segment_longer_than_the_queries_is_causal_from_the_positions():
+    """Without a mask, queries that are the newest of a longer run see the keys up to their own position (sdpa's
+    is_causal would align them with the first keys)."""
+    gen = torch.Generator().manual_seed(13)
+    query = torch.randn(1, 4, 3, 8, generator=gen)
+    keys, values = torch.randn(2, 1, 2, 7, 8, generator=gen)
+    out = attention.attend(query, [Segment(range(0, 7), keys, values)], 4, None, scaling=0.5)
+    causal = torch.ones(3, 7, dtype=torch.bool).tril(4)[None, None]
+    torch.testing.assert_close(out, naive_attention(query, keys, values, causal, 0.5), atol=1e-5, rtol=1e-5)

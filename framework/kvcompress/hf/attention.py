@@ -113,8 +113,10 @@ def attend(
             "the 4D one"
         )
     only = segments[0] if len(segments) == 1 else None
-    if only is not None and only.stores is None and only.positions == range(0, width) and softcap is None:
-        # Nothing older than this forward's tokens: exactly transformers' sdpa attention.
+    # sdpa's is_causal aligns the queries with the first keys, so without a mask it serves only q == keys or q == 1
+    aligned = attention_mask is not None or q_len in (1, width)
+    if only is not None and only.stores is None and only.positions == range(0, width) and softcap is None and aligned:
+        # Every token in one full-precision segment: exactly transformers' sdpa attention.
         output = torch.nn.functional.scaled_dot_product_attention(
             query, only.keys, only.values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             is_causal=attention_mask is None and causal and q_len > 1, enable_gqa=query.shape[1] != only.keys.shape[1],
