@@ -34,11 +34,3 @@ def learned(depth: int, size: int, group: int = 32, layout: str = "strided", hea
     fields = {"depth": depth, "codebook_size": size, "group": group, "layout": layout}
     return RVQCodebooks(codewords, fields=fields, source="test codebooks")
 
-
-def random_codebooks(depth: int, size: int, group: int = 32, layout: str = "strided", seed: int = 0) -> RVQCodebooks:
-    """Gaussian codewords of falling scale per level (4^-level): the right shape and a plausible spread,
-    without the minutes of k-means that `learned` takes at depth 11 x 256 codewords (benchmarks)."""
-    g = torch.Generator().manual_seed(seed)
-    codewords = torch.stack([torch.randn(size, group, generator=g) * 4.0**-level for level in range(depth)])
-    fields = {"depth": depth, "codebook_size": size, "group": group, "layout": layout}
-    return RVQCodebooks(codewords.half(), fields=fields, source="random test codebooks")
