@@ -1,10 +1,6 @@
-"""This project's tests run Triton kernels under the interpreter where no CUDA device answers. The choice must
-be made before any kernel module is imported, and only for this project's test run (not a pytest plugin
-that every project in the environment would load)."""
+"""This repository's test run: Triton kernels run under the interpreter where no CUDA device answers (each
+plugin's tests/conftest.py does the same for a run of that plugin's tests alone)."""
 
-import os
+from kvcompress.testing import interpret_triton_without_gpu
 
-import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+interpret_triton_without_gpu()

@@ -33,6 +33,16 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Codebook = Callable[[LayerContext], Any] | dict | None
 
 
+def interpret_triton_without_gpu() -> None:
+    """Run Triton kernels under the interpreter (TRITON_INTERPRET=1) where no CUDA device answers. Call it from
+    the conftest.py of a test suite that runs kernels, before any kernel module is imported: it is this
+    project's (and a plugin's) choice for its own tests, not something installing kvcompress imposes."""
+    import os
+
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def make_codec(
     quantizer: dict,
     role: str = "keys",
