@@ -209,3 +209,18 @@ def test_json_schema_contains_every_installed_method(registry):
     schema = json.dumps(json_schema(registry))
     for name in ("SketchSpec", "LearnedSpec", "TableSpec", "FloatSpec", "DecodeSpec"):
         assert name in schema
+
+
+@pytest.mark.parametrize("field,value", [("window", "32"), ("window", True), ("window", 32.0)])
+def test_numbers_are_not_converted_from_other_types(field, value):
+    data = {"name": "strict", field: value, "keys": {"quantizer": {"method": "float"}}, "values": {"quantizer": {"method": "float"}}}
+    with pytest.raises(SpecError, match=f"{field}: Input should be a valid integer"):
+        parse_spec(data)
+
+
+@pytest.mark.parametrize("value", ["32", 32.0, False])
+def test_method_fields_are_strict_too(value):
+    data = {"name": "strict", "keys": {"quantizer": {"method": "scalar", "bits": 2, "axis": "channel", "group": value}},
+            "values": {"quantizer": {"method": "float"}}}
+    with pytest.raises(SpecError, match="keys.quantizer.group"):
+        parse_spec(data)

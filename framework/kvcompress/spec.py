@@ -27,7 +27,7 @@ SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "jso
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # The fields of PipelineSpec and PipelineOverride are kvcompress.methods.STAGES, in order: spelled out so that

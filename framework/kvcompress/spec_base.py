@@ -9,8 +9,10 @@ class MethodSpec(BaseModel):
     """Base of a method's parameters. Subclasses add `method: Literal["name"]` and their fields.
 
     Field descriptions are the documentation: `kvcompress schema` and docs/specs.md come from them.
+    Fields are strict: a string or a float where an integer is asked (`group: "32"`, `group: 32.0`, `window:
+    true`) is an error, not converted.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str
