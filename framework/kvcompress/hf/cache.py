@@ -9,6 +9,10 @@ A forward's new tokens reach the layer once (update() keeps them pending) and at
 arguments; when the forward ends they are stored, and the tail's oldest whole runs beyond `window` tokens
 are encoded and appended to the stores. Nothing is held twice.
 
+A sliding-window layer (model_geometry's `windows`) frees, when a forward ends, the tokens no later query
+can attend to: dead sinks and tail tokens at once, dead packed tokens in whole groups once enough of them
+gather (amortized, so copying stays O(tokens)); the few dead ones left are hidden by the model's mask.
+
 The layer knows how many tokens it has seen apart from how many it holds, and the position of every held
 token, so sequence lengths, masks and new positions stay right when it holds fewer than it has seen.
 The cache must be used on a model patched by kvcompress.patch / kvcompress.cache_for.
@@ -17,11 +21,12 @@ The cache must be used on a model patched by kvcompress.patch / kvcompress.cache
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.pipeline import LayerCodecs, build_codecs
@@ -29,10 +34,10 @@ from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec, load_spec, parse_spec
 from kvcompress.runtime import Observation, Reader
 from kvcompress.state import reachable_tensors, storage_nbytes
-from kvcompress.store import TokenStore
+from kvcompress.store import PAGE_TOKENS, TokenStore
 
-# Layer kinds whose cache is plain per-token keys and values. Sliding-window layers keep every token here
-# (their mask hides the old ones), so the cache stays one kind of layer.
+# Layer kinds whose cache is plain per-token keys and values. Sliding-window layers are CompressedLayers too,
+# which free the tokens that left their window.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 NOT_PATCHED = (
@@ -61,6 +66,9 @@ class ModelGeometry:
     query_heads: int
     kv_heads: int
     head_dim: int
+    # Per layer: the sliding window W (a query at position p sees keys k with p - W < k <= p), None for full
+    # attention. Empty when built without a config's layer types.
+    windows: tuple[int | None, ...] = ()
 
 
 def model_geometry(config: Any) -> ModelGeometry:
@@ -100,7 +108,19 @@ def model_geometry(config: Any) -> ModelGeometry:
             f"{kind} has layers of type {', '.join(other)}; kvcompress supports only "
             f"{', '.join(sorted(ATTENTION_LAYER_TYPES))} layers"
         )
-    return ModelGeometry(num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    return ModelGeometry(
+        num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim, windows=_sliding_windows(text)
+    )
+
+
+def _sliding_windows(text: Any) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), by transformers' own rule for DynamicCache: a
+    config's layer_types, else `sliding_window` set makes every layer slide (Mistral)."""
+    types, kwargs = get_layer_types_and_kwargs(text)
+    return tuple(
+        kw.get("sliding_window") if kind == "sliding_attention" and kw.get("sliding_window") else None
+        for kind, kw in zip(types, kwargs)
+    )
 
 
 @dataclass
@@ -125,14 +145,27 @@ class CompressedLayer(CacheLayerMixin):
     beyond `window` tokens are encoded and appended to the stores. abort_forward() drops a failed forward.
     """
 
-    is_sliding = False
     is_compileable = False
     # Tokens already encoded cannot be taken back one by one, so crop() works only inside the window.
     is_croppable = False
 
-    def __init__(self, codecs: LayerCodecs, kv_heads: int, head_dim: int, exact_new_tokens: bool = True):
+    def __init__(
+        self,
+        codecs: LayerCodecs,
+        kv_heads: int,
+        head_dim: int,
+        exact_new_tokens: bool = True,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.codecs = codecs
+        # A query at position p sees keys k with p - sliding_window < k <= p; None: every earlier key.
+        self.sliding_window = sliding_window
+        # transformers picks the layer whose mask sizes to use by this; ours span every position either way.
+        self.is_sliding = sliding_window is not None
+        # Tokens before this position may have been freed (sliding layers): crop() must not go back past it.
+        self.freed_before = 0
+        self.sink_start = 0  # position of the first held sink (sinks a sliding layer freed are gone)
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.exact_new_tokens = exact_new_tokens
@@ -232,7 +265,8 @@ class CompressedLayer(CacheLayerMixin):
             self._store_pending()
         segments = []
         if self.sink_tokens:
-            segments.append(Segment(range(0, self.sink_tokens), self.sink_keys, self.sink_values))
+            sinks = range(self.sink_start, self.sink_start + self.sink_tokens)
+            segments.append(Segment(sinks, self.sink_keys, self.sink_values))
         if self.key_store.length:
             segments.append(Segment(stores=(self.key_store, self.value_store), reader=self.codecs.reader))
         start = self.seen - self.tail_tokens
@@ -264,6 +298,8 @@ class CompressedLayer(CacheLayerMixin):
                     "kvcompress's; do not change the attention implementation of a patched model"
                 )
             self._store_pending()
+        if self.was_read:  # the forward's tokens are stored (by read() when not exact_new_tokens)
+            self._free_dead()
         self.observed = {}
 
     # ---------------------------------------------------------------------------------------------
@@ -274,7 +310,7 @@ class CompressedLayer(CacheLayerMixin):
         keys, values = self.pending
         self.pending = None
         count = keys.shape[2]
-        room = min(self.codecs.sinks - self.sink_tokens, count)
+        room = min(self.codecs.sinks - self.seen, count)  # sinks are the first `sinks` positions
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, keys[:, :, :room]], dim=2)
             self.sink_values = torch.cat([self.sink_values, values[:, :, :room]], dim=2)
@@ -295,12 +331,61 @@ class CompressedLayer(CacheLayerMixin):
         self.tail_keys = keys[:, :, overflow:].clone(memory_format=torch.contiguous_format)
         self.tail_values = values[:, :, overflow:].clone(memory_format=torch.contiguous_format)
 
+    def _free_dead(self) -> None:
+        """On a sliding layer, free the tokens the next query (at position `seen`) and every later one cannot
+        see: positions <= seen - W. Sinks and tail at once; packed tokens in whole groups of the stores'
+        quantum, and only once the dead ones reach a page or a quarter of what the stores hold."""
+        if self.sliding_window is None:
+            return
+        live = self.seen - self.sliding_window + 1  # the first position a later query sees
+        freed = False
+        cut = min(max(0, live - self.sink_start), self.sink_tokens)
+        if cut:
+            self.sink_keys = self.sink_keys[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            self.sink_values = self.sink_values[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            self.sink_start += cut
+            freed = True
+        cut = min(max(0, live - (self.seen - self.tail_tokens)), self.tail_tokens)
+        if cut:
+            self.tail_keys = self.tail_keys[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            self.tail_values = self.tail_values[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            freed = True
+        if self.key_store.length and self._free_dead_packed(live):
+            freed = True
+        if freed:
+            self.freed_before = max(self.freed_before, live)
+
+    def _free_dead_packed(self, live: int) -> bool:
+        """Drop the packed tokens before position `live` from both stores alike (attention reads them
+        together), keeping whole groups: at most quantum - 1 dead tokens per head stay. True if it dropped."""
+        keys, values = self.key_store, self.value_store
+        quantum = math.lcm(keys.layout.quantum, values.layout.quantum)
+        tokens = keys.tokens
+        if not torch.equal(tokens, values.tokens) or bool((tokens % quantum).any()):
+            return False  # not in whole common groups: leave them to the mask
+        positions = keys.token_positions()
+        if isinstance(positions, range):
+            dead = torch.full_like(tokens, min(max(0, live - positions.start), keys.length))
+        else:  # each head's positions ascend: its dead tokens are a prefix
+            held = torch.arange(keys.length, device=tokens.device) < tokens[..., None]
+            dead = ((positions.to(tokens.device) < live) & held).sum(-1)
+        drop = dead // quantum * quantum
+        page = -(-PAGE_TOKENS // quantum) * quantum
+        if int(drop.max()) < max(page, keys.length // 4):
+            return False
+        counts = tokens - drop
+        n = int(counts.max())
+        keep = drop[..., None] + torch.arange(n, device=tokens.device)
+        keys.select(keep, counts)
+        values.select(keep, counts)
+        return True
+
     def held_positions(self) -> torch.Tensor:
         """The absolute position of every token the layer holds, in order (sinks, packed, tail): int64
         [batch, kv_heads, sinks + longest packed head + tail], -1 where a head holds fewer packed tokens."""
         batch = self.tail_keys.shape[0] if self.is_initialized else 0
         shape = (batch, self.kv_heads)
-        parts = [torch.arange(self.sink_tokens).expand(*shape, -1)]
+        parts = [torch.arange(self.sink_start, self.sink_start + self.sink_tokens).expand(*shape, -1)]
         if self.key_store.length:
             packed = self.key_store.token_positions()
             packed = torch.arange(packed.start, packed.stop).expand(*shape, -1) if isinstance(packed, range) else packed
@@ -329,6 +414,7 @@ class CompressedLayer(CacheLayerMixin):
         self.pending = None
         self.observed = {}
         self.seen = 0
+        self.freed_before = self.sink_start = 0
         self.is_initialized = False
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -362,14 +448,19 @@ class CompressedLayer(CacheLayerMixin):
                 f"in full precision and the ones before are compressed. Use a spec with a window of at least {remove} "
                 "tokens for decoding strategies that roll back (assisted or speculative decoding)"
             )
-        from_tail = min(remove, self.tail_tokens)
-        keep_tail = self.tail_tokens - from_tail
-        keep_sinks = max(0, self.sink_tokens - (remove - from_tail))
+        seen = max(0, self.seen - remove)
+        if self.sliding_window is not None and seen - self.sliding_window + 1 < self.freed_before:
+            raise KVCompressError(
+                f"layer {self.codecs.layer}: cannot crop {remove} tokens, this sliding-window layer already freed "
+                f"tokens before position {self.freed_before} that queries after the crop would see"
+            )
+        keep_tail = max(0, seen - (self.seen - self.tail_tokens))
+        keep_sinks = min(max(0, seen - self.sink_start), self.sink_tokens)
         self.tail_keys = self.tail_keys[:, :, :keep_tail].clone()
         self.tail_values = self.tail_values[:, :, :keep_tail].clone()
         self.sink_keys = self.sink_keys[:, :, :keep_sinks].clone()
         self.sink_values = self.sink_values[:, :, :keep_sinks].clone()
-        self.seen = max(0, self.seen - remove)
+        self.seen = seen
 
     # ---------------------------------------------------------------------------------------------
     # accounting
@@ -412,7 +503,10 @@ class CompressedCache(Cache):
         self.geometry = model_geometry(config)
         g = self.geometry
         codecs = build_codecs(self.spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)
-        super().__init__(layers=[CompressedLayer(c, g.kv_heads, g.head_dim, exact_new_tokens) for c in codecs])
+        windows = g.windows or (None,) * g.num_layers
+        super().__init__(
+            layers=[CompressedLayer(c, g.kv_heads, g.head_dim, exact_new_tokens, w) for c, w in zip(codecs, windows)]
+        )
 
     def __repr__(self) -> str:
         return f"CompressedCache(spec={self.spec.name!r}, layers={len(self.layers)}, tokens={self.get_seq_length()})"
