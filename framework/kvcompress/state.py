@@ -1,10 +1,10 @@
-"""The packed state a quantizer produces: the only place compressed bytes live.
+"""The packed state a quantizer produces from a block of tokens, and that estimators and readers read.
 
 Every tensor in a state has the layout [batch, kv_heads, rows, ...], where `rows` counts token rows
 (one per token, or one per group of tokens such as a KIVI key block). States of the same quantizer
-concatenate along dim 2, which is how a cache layer appends newly compressed blocks. A state may also
-hold per-sequence tensors [batch, kv_heads, ...] that every row shares (a channel selection): those are
-held once, not concatenated.
+concatenate along dim 2: a cache layer's TokenStore (kvcompress.store) appends each new state's rows to its
+buffers, and hands readers views of them as states. A state may also hold per-sequence tensors
+[batch, kv_heads, ...] that every row shares (a channel selection): those are held once, not concatenated.
 """
 
 from __future__ import annotations

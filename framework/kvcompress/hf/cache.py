@@ -123,6 +123,12 @@ def _sliding_windows(text: Any) -> tuple[int | None, ...]:
     )
 
 
+def _owned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy with its own storage, so no view keeps a larger buffer (the forward's keys, an old
+    tail) alive and counted."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class Segment:
     """A run of a layer's tokens for attention, in position order: full-precision keys/values [batch,
@@ -327,9 +333,8 @@ class CompressedLayer(CacheLayerMixin):
             for codec, store, x in ((self.codecs.keys, self.key_store, keys), (self.codecs.values, self.value_store, values)):
                 shared = store.shared if store.layout is not None else None
                 store.append(codec.encode(x[:, :, :overflow], observation, shared), first_position)
-        # An owned copy: no view keeps the forward's (or the old tail's) larger buffer alive.
-        self.tail_keys = keys[:, :, overflow:].clone(memory_format=torch.contiguous_format)
-        self.tail_values = values[:, :, overflow:].clone(memory_format=torch.contiguous_format)
+        self.tail_keys = _owned(keys[:, :, overflow:])
+        self.tail_values = _owned(values[:, :, overflow:])
 
     def _free_dead(self) -> None:
         """On a sliding layer, free the tokens the next query (at position `seen`) and every later one cannot
@@ -341,14 +346,14 @@ class CompressedLayer(CacheLayerMixin):
         freed = False
         cut = min(max(0, live - self.sink_start), self.sink_tokens)
         if cut:
-            self.sink_keys = self.sink_keys[:, :, cut:].clone(memory_format=torch.contiguous_format)
-            self.sink_values = self.sink_values[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            self.sink_keys = _owned(self.sink_keys[:, :, cut:])
+            self.sink_values = _owned(self.sink_values[:, :, cut:])
             self.sink_start += cut
             freed = True
         cut = min(max(0, live - (self.seen - self.tail_tokens)), self.tail_tokens)
         if cut:
-            self.tail_keys = self.tail_keys[:, :, cut:].clone(memory_format=torch.contiguous_format)
-            self.tail_values = self.tail_values[:, :, cut:].clone(memory_format=torch.contiguous_format)
+            self.tail_keys = _owned(self.tail_keys[:, :, cut:])
+            self.tail_values = _owned(self.tail_values[:, :, cut:])
             freed = True
         if self.key_store.length and self._free_dead_packed(live):
             freed = True
@@ -432,7 +437,7 @@ class CompressedLayer(CacheLayerMixin):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices].clone(memory_format=torch.contiguous_format))
+        self._map_batch(lambda t: _owned(t[indices]))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens: a negative count removes that many; a positive one (transformers < 5.18)
@@ -456,10 +461,10 @@ class CompressedLayer(CacheLayerMixin):
             )
         keep_tail = max(0, seen - (self.seen - self.tail_tokens))
         keep_sinks = min(max(0, seen - self.sink_start), self.sink_tokens)
-        self.tail_keys = self.tail_keys[:, :, :keep_tail].clone()
-        self.tail_values = self.tail_values[:, :, :keep_tail].clone()
-        self.sink_keys = self.sink_keys[:, :, :keep_sinks].clone()
-        self.sink_values = self.sink_values[:, :, :keep_sinks].clone()
+        self.tail_keys = _owned(self.tail_keys[:, :, :keep_tail])
+        self.tail_values = _owned(self.tail_values[:, :, :keep_tail])
+        self.sink_keys = _owned(self.sink_keys[:, :, :keep_sinks])
+        self.sink_values = _owned(self.sink_values[:, :, :keep_sinks])
         self.seen = seen
 
     # ---------------------------------------------------------------------------------------------
