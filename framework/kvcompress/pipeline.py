@@ -224,20 +224,16 @@ def build_codecs(
     layers = []
     for index in range(num_layers):
         plan = spec.layer(index)
-        roles: dict[Role, RoleCodec] = {}
-        for role in ROLES:
-            ctx = LayerContext(
-                layer=index, num_layers=num_layers, role=role, head_dim=head_dim, kv_heads=kv_heads,
-                spec_dir=spec_dir, model=model,
-            )
-            roles[role] = build_role_codec(getattr(plan, role), ctx, registry)
+        ctx = LayerContext(
+            layer=index, num_layers=num_layers, role="keys", head_dim=head_dim, kv_heads=kv_heads,
+            spec_dir=spec_dir, model=model,
+        )
+        roles: dict[Role, RoleCodec] = {
+            role: build_role_codec(getattr(plan, role), replace(ctx, role=role), registry) for role in ROLES
+        }
         layer = LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, compress_run=spec.compress_run, **roles)
         reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
         if reader is not None:
-            ctx = LayerContext(
-                layer=index, num_layers=num_layers, role="keys", head_dim=head_dim, kv_heads=kv_heads,
-                spec_dir=spec_dir, model=model,
-            )
             layer.reader = reader.factory(layer, ctx)
         layers.append(layer)
     return layers
