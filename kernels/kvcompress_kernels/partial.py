@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import torch
 
-# Per-element bias of hidden keys: finite, so fully hidden rows stay finite and merge with weight ~0.
-HIDDEN = torch.finfo(torch.float32).min
-
-
 def merge_partials(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials out_i [..., n, d] (float32) with lse_i [..., n] into one (output, lse)."""
     if len(outputs) == 1:

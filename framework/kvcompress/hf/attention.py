@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.errors import KVCompressError
-from kvcompress_kernels.partial import HIDDEN, bias_from_mask, dense_partial, merge_partials
+from kvcompress_kernels.partial import bias_from_mask, dense_partial, merge_partials
 
 NAME = "kvcompress"
 # Attribute the patch's pre-forward hook sets on an attention module: the CompressedCache of the running forward.
@@ -217,8 +217,7 @@ def _packed_bias(
             bias = _group_rows(_causal_bias(tensor, first_query, q_len, torch.float32), groups, store.tokens.shape[1])
     padding = store.padding(start, stop)
     if padding is not None:
-        hidden = torch.zeros(padding.shape, dtype=torch.float32, device=padding.device).masked_fill_(padding, HIDDEN)
-        hidden = hidden.unsqueeze(2)
+        hidden = bias_from_mask(~padding).unsqueeze(2)
         bias = hidden if bias is None else bias + hidden
     return bias
 
