@@ -152,3 +152,21 @@ def test_appends_from_another_quantizer_or_channel_choice_are_refused():
     chosen.shared = {"channels": torch.zeros(B, H, 1, dtype=torch.uint8)}
     with pytest.raises(KVCompressError, match="per-sequence 'channels'"):
         store.append(chosen)
+
+
+def test_positions_are_int16_until_one_does_not_fit_and_held_by_the_key_store_only():
+    state = block(GROUP, 0)
+    keys, values = TokenStore("keys"), TokenStore("values", holds_positions=False)
+    at = torch.tensor([3, 9, 30000, 32767]).expand(B, H, GROUP)
+    for store in (keys, values):
+        store.append(state, positions=at)
+    assert keys.positions.dtype == torch.int16 and values.positions is None
+    assert torch.equal(keys.token_positions(), at)
+    with pytest.raises(KVCompressError, match="key store"):
+        values.token_positions()
+    later = torch.tensor([40000, 40001, 40002, 70000]).expand(B, H, GROUP)
+    keys.append(state, positions=later)
+    values.append(state, positions=later)
+    assert keys.positions.dtype == torch.int32
+    assert torch.equal(keys.token_positions(), torch.cat([at, later], dim=-1))
+    assert values.length == keys.length == 8

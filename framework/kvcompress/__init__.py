@@ -12,6 +12,7 @@ from kvcompress.hookspecs import hookimpl
 from kvcompress.methods import (
     CodebookMethod,
     EstimatorMethod,
+    EvictorMethod,
     LayerContext,
     ModelAdapter,
     PrunerMethod,
@@ -21,7 +22,7 @@ from kvcompress.methods import (
 )
 from kvcompress.plugins import Registry, get_registry, set_registry
 from kvcompress.spec import CacheSpec, json_schema, load_spec, parse_spec
-from kvcompress.spec_base import MethodSpec
+from kvcompress.spec_base import EvictionSpec, MethodSpec
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ChannelPruner": "kvcompress.runtime",
     "Estimator": "kvcompress.runtime",
+    "Evictor": "kvcompress.runtime",
     "Observation": "kvcompress.runtime",
     "Quantizer": "kvcompress.runtime",
     "Reader": "kvcompress.runtime",
@@ -56,7 +58,10 @@ __all__ = [
     "CodebookMethod",
     "CompressedCache",
     "Estimator",
+    "Evictor",
     "EstimatorMethod",
+    "EvictionSpec",
+    "EvictorMethod",
     "KVCompressError",
     "LayerContext",
     "MethodSpec",

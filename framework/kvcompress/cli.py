@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvcompress.errors import KVCompressError, PluginError, SpecError, UnknownMethodError
-from kvcompress.methods import ROLES, STAGES
+from kvcompress.methods import METHOD_KINDS, ROLES
 from kvcompress.plugins import Registry, set_registry
 from kvcompress.spec import json_schema, load_spec
 
@@ -23,7 +23,7 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
     for info in list(registry.plugins.values()) + registry.failed:
         methods = {
             stage: sorted(name for name, p in registry.provided(stage).items() if p.plugin.name == info.name)
-            for stage in STAGES
+            for stage in METHOD_KINDS
         } if info.error is None else {}
         adapters = {
             name: sorted(p.method.model_types) for name, p in sorted(registry.adapters().items())
@@ -55,7 +55,7 @@ def cmd_methods(args: argparse.Namespace, registry: Registry) -> int:
     rows = [
         {"stage": stage, "name": name, "distribution": p.plugin.distribution,
          "description": " ".join((p.method.description or "").split())}
-        for stage in STAGES for name, p in sorted(registry.provided(stage).items())
+        for stage in METHOD_KINDS for name, p in sorted(registry.provided(stage).items())
     ]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -13,6 +13,7 @@ import pluggy
 from kvcompress.methods import (
     CodebookMethod,
     EstimatorMethod,
+    EvictorMethod,
     ModelAdapter,
     PrunerMethod,
     QuantizerMethod,
@@ -88,6 +89,22 @@ def kvcompress_pruners() -> list[PrunerMethod]:
         def kvcompress_pruners():
             return [PrunerMethod(name="think", spec=ThinKSpec, factory=make_think,
                                  roles=frozenset({"keys"}), observes=frozenset({"queries"}))]
+    """
+
+
+@hookspec
+def kvcompress_evictors() -> list[EvictorMethod]:
+    """Token evictors: which tokens a layer keeps (the spec's `evict` field). The spec model subclasses
+    EvictionSpec, which carries the budget (`keep` or `budget`) and when to apply it (`every`).
+
+    Example::
+
+        class RecentSpec(EvictionSpec):
+            method: Literal["recent"] = "recent"
+
+        @hookimpl
+        def kvcompress_evictors():
+            return [EvictorMethod(name="recent", spec=RecentSpec, factory=make_recent)]
     """
 
 

@@ -122,6 +122,22 @@ class PrunerMethod:
 
 
 @dataclass(frozen=True)
+class EvictorMethod:
+    """A token evictor for a whole layer: factory(spec, ctx) -> kvcompress.runtime.Evictor. Its spec model
+    subclasses kvcompress.spec_base.EvictionSpec (keep or budget, every).
+
+    observes: what the evictor reads from the model besides the layer's keys (names in OBSERVABLES); the
+    cache captures it only for layers that evict. ctx is the layer's keys context (role "keys").
+    """
+
+    name: str
+    spec: type[MethodSpec]
+    factory: Callable[[Any, LayerContext], Any]
+    description: str = ""
+    observes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """How kvcompress.patch handles an architecture: the only plugin code that knows transformers models.
 
@@ -193,6 +209,11 @@ STAGES: dict[str, Stage] = {
     )
 }
 
+# The layer-level stage: which tokens a layer keeps (the spec's `evict` field, beside the pipelines).
+EVICTION = Stage("evict", EvictorMethod, "kvcompress_evictors")
+# Every kind of method the registry collects and spec files name: the pipeline stages, then eviction.
+METHOD_KINDS: dict[str, Stage] = {**STAGES, EVICTION.name: EVICTION}
+
 # Methods this project ships, so an unknown name can say which package to install.
 KNOWN_PROVIDERS: dict[str, str] = {
     "scalar": "kvcompress-scalar",
@@ -203,13 +224,20 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "rvq-lut": "kvcompress-rvq",
     "kmeans": "kvcompress-rvq",
     "think": "kvcompress-prune",
+    "streaming": "kvcompress-prune",
+    "snapkv": "kvcompress-prune",
+    "knorm": "kvcompress-prune",
+    "tova": "kvcompress-prune",
 }
 
 __all__ = [
     "CodebookMethod",
+    "EVICTION",
     "EstimatorMethod",
+    "EvictorMethod",
     "KNOWN_PROVIDERS",
     "LayerContext",
+    "METHOD_KINDS",
     "ModelAdapter",
     "OBSERVABLES",
     "PrunerMethod",

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods import ROLES, LayerContext, Role
+from kvcompress.methods import EVICTION, ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
-from kvcompress.runtime import ChannelPruner, Estimator, Observation, Quantizer, Reader, Transform
+from kvcompress.runtime import ChannelPruner, Estimator, Evictor, Observation, Quantizer, Reader, Transform
 from kvcompress.spec import CacheSpec, PipelineSpec
-from kvcompress.spec_base import MethodSpec
+from kvcompress.spec_base import EvictionSpec, MethodSpec
 from kvcompress.state import PackedState
 from kvcompress_kernels.partial import scores_partial
 
@@ -130,7 +130,8 @@ class EstimatorReader(Reader):
 
 @dataclass
 class LayerCodecs:
-    """Everything one cache layer needs: window and sinks, a codec per role, and the reader of both."""
+    """Everything one cache layer needs: window and sinks, a codec per role, the reader of both, and the
+    evictor with its spec (budget, when) and what it observes, if the layer evicts tokens."""
 
     layer: int
     window: int
@@ -139,6 +140,9 @@ class LayerCodecs:
     values: RoleCodec
     compress_run: int = 1
     reader: Reader | None = None
+    evictor: Evictor | None = None
+    eviction: EvictionSpec | None = None
+    evictor_observes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.reader is None:
@@ -156,8 +160,8 @@ class LayerCodecs:
 
     @property
     def observes(self) -> frozenset[str]:
-        """What the cache must capture for this layer's pruners (empty: nothing, compress on arrival)."""
-        return self.keys.observes | self.values.observes
+        """What the cache must capture for this layer's pruners and evictor (empty: nothing)."""
+        return self.keys.observes | self.values.observes | self.evictor_observes
 
 
 def _channel_index(channels: torch.Tensor, rows: int) -> torch.Tensor:
@@ -232,6 +236,10 @@ def build_codecs(
             role: build_role_codec(getattr(plan, role), replace(ctx, role=role), registry) for role in ROLES
         }
         layer = LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, compress_run=spec.compress_run, **roles)
+        if plan.evict is not None:
+            method = registry.get(EVICTION.name, plan.evict.method)
+            layer.evictor, layer.eviction = method.factory(plan.evict, ctx), plan.evict
+            layer.evictor_observes = method.observes
         reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
         if reader is not None:
             layer.reader = reader.factory(layer, ctx)

@@ -12,7 +12,9 @@ import pluggy
 
 from kvcompress import hookspecs
 from kvcompress.errors import PluginError, UnknownMethodError, UnsupportedModelError
-from kvcompress.methods import KNOWN_PROVIDERS, OBSERVABLES, STAGES, ModelAdapter, ReaderMethod
+from kvcompress.methods import EVICTION, KNOWN_PROVIDERS, METHOD_KINDS, OBSERVABLES, ModelAdapter, ReaderMethod
+
+from kvcompress.spec_base import EvictionSpec
 
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
@@ -111,8 +113,8 @@ class Registry:
     def _collect(self) -> dict[str, dict[str, Provided]]:
         if self._methods is not None:
             return self._methods
-        methods: dict[str, dict[str, Provided]] = {stage: {} for stage in STAGES}
-        for stage, record in STAGES.items():
+        methods: dict[str, dict[str, Provided]] = {stage: {} for stage in METHOD_KINDS}
+        for stage, record in METHOD_KINDS.items():
             for method, info in self._results(record.hook, record.descriptor):
                 if method.name in methods[stage]:
                     raise PluginError(_provided_twice(f"{stage} {method.name!r}", methods[stage][method.name].plugin, info))
@@ -121,6 +123,11 @@ class Registry:
                     raise PluginError(
                         f"plugin {info.name!r} ({info.distribution}): {stage} {method.name!r} observes "
                         f"{', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}"
+                    )
+                if stage == EVICTION.name and not issubclass(method.spec, EvictionSpec):
+                    raise PluginError(
+                        f"plugin {info.name!r} ({info.distribution}): evictor {method.name!r} has the spec model "
+                        f"{method.spec.__name__}; an evictor's spec must subclass kvcompress.EvictionSpec"
                     )
                 methods[stage][method.name] = Provided(method, info)
         self._methods = methods

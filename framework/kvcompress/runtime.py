@@ -6,16 +6,21 @@ A reader computes a layer's partial attention over its packed keys and values to
 goes through the two roles' estimators; a method pair can supply a fused kernel).
 A transform is an orthogonal map applied before quantization (queries get it too, so scores keep).
 A channel pruner picks which head_dim channels a role stores, from what the model showed (an Observation).
+An evictor picks which tokens of a layer stay (token eviction), from its Candidates.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvcompress.state import PackedState
+
+if TYPE_CHECKING:
+    from kvcompress.eviction import Candidates
 
 
 class Quantizer(ABC):
@@ -133,3 +138,23 @@ class ChannelPruner(ABC):
     def select(self, x: torch.Tensor, observation: Observation) -> torch.Tensor:
         """x: the first tokens to store [batch, kv_heads, tokens, head_dim] -> channel indices
         [batch, kv_heads, kept], ascending, int64."""
+
+
+class Evictor(ABC):
+    """Chooses which of a layer's candidate tokens stay; the cache frees the others (kvcompress.eviction).
+
+    query_window: how many of the latest queries it reads (Candidates.queries); the layer holds that many
+    between forwards so that eviction during decoding sees them too. 0: it reads no queries.
+    """
+
+    query_window: int = 0
+
+    @abstractmethod
+    def select(self, candidates: "Candidates", keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep `keep` tokens per (sequence, KV head) on average out of candidates.tokens (keep is a multiple of
+        candidates.step, below candidates.tokens).
+
+        Returns (indices [batch, kv_heads, n] int64, counts [batch, kv_heads] int64): head h keeps
+        indices[b, h, :counts[b, h]], ascending, in whole groups of candidates.quantum; every count a multiple
+        of candidates.step; the counts of a sequence sum to at most keep * kv_heads (a head may keep more than
+        `keep` where another keeps less)."""

@@ -19,9 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, create_model, field_validator
 
 from kvcompress.errors import SpecError
-from kvcompress.methods import ROLES, STAGES
+from kvcompress.methods import EVICTION, METHOD_KINDS, ROLES, STAGES
 from kvcompress.plugins import Registry, get_registry, unknown_method_message
-from kvcompress.spec_base import MethodSpec
+from kvcompress.spec_base import EvictionSpec, MethodSpec
 
 SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 
@@ -62,11 +62,18 @@ class PipelineOverride(_Strict):
     codebook: SerializeAsAny[MethodSpec] | None = None
 
 
+EVICT_DESCRIPTION = (
+    "Token eviction: which tokens each layer keeps (an evictor from kvcompress-prune or another plugin), with "
+    "its budget (`keep` or `budget`) and when it runs (`every`). Evicted tokens leave memory."
+)
+
+
 class LayerOverride(_Strict):
-    """Per-layer changes: window, sinks, or stages of the keys/values pipelines."""
+    """Per-layer changes: window, sinks, eviction, or stages of the keys/values pipelines."""
 
     window: int | None = Field(None, ge=0, description="Full-precision recent tokens for these layers.")
     sinks: int | None = Field(None, ge=0, description="Full-precision first tokens for these layers.")
+    evict: SerializeAsAny[EvictionSpec] | None = Field(None, description="Eviction for these layers (replaces the top-level one).")
     keys: PipelineOverride | None = Field(None, description="Stages replaced for keys in these layers.")
     values: PipelineOverride | None = Field(None, description="Stages replaced for values in these layers.")
 
@@ -78,6 +85,7 @@ class LayerPlan(_Strict):
     sinks: int
     keys: SerializeAsAny[PipelineSpec]
     values: SerializeAsAny[PipelineSpec]
+    evict: SerializeAsAny[EvictionSpec] | None = None
 
 
 class CacheSpec(_Strict):
@@ -95,6 +103,7 @@ class CacheSpec(_Strict):
     )
     keys: SerializeAsAny[PipelineSpec] = Field(description="How keys are compressed and read.")
     values: SerializeAsAny[PipelineSpec] = Field(description="How values are compressed and read.")
+    evict: SerializeAsAny[EvictionSpec] | None = Field(None, description=EVICT_DESCRIPTION)
     layers: dict[str, SerializeAsAny[LayerOverride]] = Field(
         default_factory=dict,
         description='Per-layer overrides keyed by layer selections: "3", "0-1", "0,2,5-7". Selections may not overlap.',
@@ -119,17 +128,18 @@ class CacheSpec(_Strict):
 
     def layer(self, index: int) -> LayerPlan:
         """The spec of layer `index`, with any override applied."""
-        window, sinks = self.window, self.sinks
+        window, sinks, evict = self.window, self.sinks, self.evict
         pipelines = {"keys": self.keys, "values": self.values}
         for key, override in self.layers.items():
             if index in parse_layer_selection(key):
                 window = override.window if override.window is not None else window
                 sinks = override.sinks if override.sinks is not None else sinks
+                evict = override.evict if override.evict is not None else evict
                 for role in ROLES:
                     part = getattr(override, role)
                     if part is not None:
                         pipelines[role] = _merge(pipelines[role], part)
-        return LayerPlan(window=window, sinks=sinks, **pipelines)
+        return LayerPlan(window=window, sinks=sinks, evict=evict, **pipelines)
 
     def min_layers(self) -> int:
         """The fewest layers a model needs for every override selection to exist (1 without overrides)."""
@@ -182,14 +192,14 @@ def _validation_model(signature: tuple[tuple[str, tuple[type, ...]], ...]) -> ty
         else:
             unions[stage] = Annotated[Union[classes], Field(discriminator="method")]
 
-    def stage_field(stage: str, required: bool) -> Any:
+    def stage_field(stage: str, required: bool, description: str | None = None) -> Any:
         annotation = unions[stage]
         if annotation is None:
             return (type(None), None)
-        template = PipelineSpec.model_fields[stage]
+        description = description or PipelineSpec.model_fields[stage].description
         if required:
-            return (SerializeAsAny[annotation], Field(description=template.description))
-        return (SerializeAsAny[annotation] | None, Field(None, description=template.description))
+            return (SerializeAsAny[annotation], Field(description=description))
+        return (SerializeAsAny[annotation] | None, Field(None, description=description))
 
     pipeline = create_model(
         "PipelineSpec",
@@ -199,15 +209,18 @@ def _validation_model(signature: tuple[tuple[str, tuple[type, ...]], ...]) -> ty
     pipeline_override = create_model(
         "PipelineOverride", __base__=PipelineOverride, **{stage: stage_field(stage, False) for stage in STAGES}
     )
+    evict = stage_field(EVICTION.name, False, CacheSpec.model_fields[EVICTION.name].description)
     layer_override = create_model(
         "LayerOverride",
         __base__=LayerOverride,
         **{role: (pipeline_override | None, Field(None, description=LayerOverride.model_fields[role].description)) for role in ROLES},
+        evict=stage_field(EVICTION.name, False, LayerOverride.model_fields[EVICTION.name].description),
     )
     return create_model(
         "CacheSpec",
         __base__=CacheSpec,
         **{role: (SerializeAsAny[pipeline], Field(description=CacheSpec.model_fields[role].description)) for role in ROLES},
+        evict=evict,
         layers=(dict[str, SerializeAsAny[layer_override]], Field(default_factory=dict, description=CacheSpec.model_fields["layers"].description)),
     )
 
@@ -216,7 +229,7 @@ def spec_model(registry: Registry | None = None) -> type[CacheSpec]:
     """The CacheSpec subclass whose stages are unions of the installed methods' spec models."""
     registry = registry or get_registry()
     signature = tuple(
-        (stage, tuple(p.method.spec for _, p in sorted(registry.provided(stage).items()))) for stage in STAGES
+        (stage, tuple(p.method.spec for _, p in sorted(registry.provided(stage).items()))) for stage in METHOD_KINDS
     )
     return _validation_model(signature)
 
@@ -282,15 +295,19 @@ def read_spec_file(path: Path) -> dict[str, Any]:
 
 
 def _stage_items(data: dict[str, Any]):
-    """(path, stage, stage dict) for every stage in the spec's pipelines and overrides."""
+    """(path, stage, stage dict) for every stage in the spec's pipelines, its eviction and its overrides."""
     for role in ROLES:
         yield from _pipeline_items(data.get(role), role)
+    if isinstance(data.get(EVICTION.name), dict):
+        yield EVICTION.name, EVICTION.name, data[EVICTION.name]
     layers = data.get("layers")
     if isinstance(layers, dict):
         for key, override in layers.items():
             if isinstance(override, dict):
                 for role in ROLES:
                     yield from _pipeline_items(override.get(role), f"layers.{key}.{role}")
+                if isinstance(override.get(EVICTION.name), dict):
+                    yield f"layers.{key}.{EVICTION.name}", EVICTION.name, override[EVICTION.name]
 
 
 def _pipeline_items(pipeline: Any, path: str):

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from kvcompress.methods import STAGES
+from kvcompress.methods import EVICTION, METHOD_KINDS
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec, LayerOverride, PipelineSpec
 
@@ -73,9 +73,9 @@ def render(registry: Registry) -> str:
     out += _fields_table(PipelineSpec)
     out += ["", "## Layer overrides: `layers`", "", " ".join((LayerOverride.__doc__ or "").split()), ""]
     out += _fields_table(LayerOverride)
-    for stage in STAGES:
+    for stage in METHOD_KINDS:
         provided = registry.provided(stage)
-        out += ["", f"## {stage.capitalize()}s"]
+        out += ["", "## Evictors (`evict`)" if stage == EVICTION.name else f"## {stage.capitalize()}s"]
         if not provided:
             out += ["", "None installed."]
         for name, item in sorted(provided.items()):

@@ -54,15 +54,18 @@ class Layout:
 class TokenStore:
     """Packed rows of one role of one layer (see the module docstring)."""
 
-    def __init__(self, name: str = "store"):
+    def __init__(self, name: str = "store", holds_positions: bool = True):
         self.name = name
+        # A layer's value store follows its key store row for row: only the key store holds the positions.
+        self.holds_positions = holds_positions
+        self.explicit = False  # positions are explicit (tokens were selected or appended at given positions)
         self.layout: Layout | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         self.shared: dict[str, torch.Tensor] = {}
         # [batch, kv_heads] int64; None while empty
         self.tokens: torch.Tensor | None = None
-        # Absolute positions [batch, kv_heads, capacity] int32, held only once tokens were selected (before
-        # that, the positions are first_position + index, the same for every head).
+        # Absolute positions [batch, kv_heads, capacity], int16 while they fit (int32 beyond), held only once
+        # explicit (before that, the positions are first_position + index, the same for every head).
         self.positions: torch.Tensor | None = None
         self.first_position = 0
         self.capacity = 0  # tokens per (sequence, head) the buffers can hold
@@ -75,11 +78,15 @@ class TokenStore:
     # ---------------------------------------------------------------------------------------------
     # writing
 
-    def append(self, state: PackedState, first_position: int | None = None) -> None:
+    def append(
+        self, state: PackedState, first_position: int | None = None, positions: torch.Tensor | None = None
+    ) -> None:
         """Store `state` (the same token count for every sequence and head) after each head's tokens.
 
         first_position: the absolute position of the state's first token; the positions of appended tokens
         follow it. Only needed once positions are explicit (after select); otherwise they are implicit.
+        positions: instead, each appended token's own position [batch, kv_heads, tokens] (tokens an evictor
+        kept); positions become explicit.
         """
         count = state.tokens
         if count == 0:
@@ -87,6 +94,11 @@ class TokenStore:
         if self.layout is None:
             self._initialize(state, first_position or 0)
         self._check(state)
+        if positions is not None and not self.explicit:
+            self._explicit_positions()
+        new = self._new_positions(count, first_position, positions)
+        if new is not None:
+            self._widen(int(new.max()))
         if self.uniform:
             self._reserve(self.length + count)
             start = self.length
@@ -94,7 +106,7 @@ class TokenStore:
                 per = self.layout.tokens_per_row[name]
                 buffer[:, :, start // per : (start + count) // per] = state.tensors[name]
             if self.positions is not None:
-                self.positions[:, :, start : start + count] = self._new_positions(count, first_position)
+                self.positions[:, :, start : start + count] = new
             self.tokens += count
             self.length += count
             return
@@ -105,9 +117,9 @@ class TokenStore:
             rows = state.tensors[name].shape[ROW_DIM]
             index = (self.tokens // per)[..., None] + torch.arange(rows, device=buffer.device)
             buffer.scatter_(ROW_DIM, _expand_index(index, buffer), state.tensors[name])
-        index = self.tokens[..., None] + torch.arange(count, device=self.tokens.device)
-        new = self._new_positions(count, first_position).expand(*self.tokens.shape, count)
-        self.positions.scatter_(2, index, new)
+        if new is not None:
+            index = self.tokens[..., None] + torch.arange(count, device=self.tokens.device)
+            self.positions.scatter_(2, index, new.expand(*self.tokens.shape, count).to(self.positions.dtype))
         self.tokens = ends
         self.length = int(ends.max())
         self.uniform = bool((ends == self.length).all())
@@ -145,10 +157,39 @@ class TokenStore:
             if held is None or not (value is held or torch.equal(value, held)):
                 raise KVCompressError(f"{self.name}: the state to append has another per-sequence {name!r} than the held one")
 
-    def _new_positions(self, count: int, first_position: int | None) -> torch.Tensor:
+    def _new_positions(
+        self, count: int, first_position: int | None, positions: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The appended tokens' positions, int64 [count] or [batch, kv_heads, count]; None where this store
+        holds none (implicit, or a value store)."""
+        if positions is not None and tuple(positions.shape) != (*self.tokens.shape, count):
+            raise KVCompressError(
+                f"{self.name}: positions {tuple(positions.shape)} do not match {count} tokens of "
+                f"{tuple(self.tokens.shape)} (sequence, head) pairs"
+            )
+        if self.positions is None:
+            return None
+        if positions is not None:
+            return positions.to(device=self.tokens.device, dtype=torch.int64)
         if first_position is None:
             raise KVCompressError(f"{self.name}: positions are explicit after a selection; append needs first_position")
-        return torch.arange(first_position, first_position + count, dtype=torch.int32, device=self.tokens.device)
+        return torch.arange(first_position, first_position + count, device=self.tokens.device)
+
+    def _explicit_positions(self) -> None:
+        """Turn implicit positions (first_position + index) into the explicit buffer (in a key store)."""
+        self.explicit = True
+        if not self.holds_positions:
+            return
+        batch, heads = self.tokens.shape
+        last = self.first_position + self.length
+        dtype = torch.int16 if last <= torch.iinfo(torch.int16).max else torch.int32
+        self.positions = torch.zeros(batch, heads, self.capacity, dtype=dtype, device=self.tokens.device)
+        self.positions[..., : self.length] = self.first_position + torch.arange(self.length, device=self.tokens.device)
+
+    def _widen(self, position: int) -> None:
+        """int16 positions become int32 before one that does not fit is written."""
+        if self.positions is not None and position > torch.iinfo(self.positions.dtype).max:
+            self.positions = self.positions.to(torch.int32)
 
     def _reserve(self, tokens: int) -> None:
         """Make room for `tokens` per (sequence, head): reallocate GROWTH times larger when full."""
@@ -200,12 +241,9 @@ class TokenStore:
         if n % quantum or bool((counts % quantum).any()):
             raise KVCompressError(f"{self.name}: selections keep whole groups of {quantum} tokens")
         keep = torch.where(valid, keep, 0)
-        positions = self.positions
-        if positions is None:
-            positions = (self.first_position + torch.arange(self.length, device=keep.device, dtype=torch.int32)).expand(
-                batch, heads, self.length
-            )
-        kept_positions = positions.gather(2, keep.to(torch.int64)).to(torch.int32)
+        if not self.explicit:
+            self._explicit_positions()
+        kept_positions = self.positions.gather(2, keep) if self.positions is not None else None
         page = math.lcm(PAGE_TOKENS, quantum)
         capacity = -(-n // page) * page if n else 0
         for name, buffer in self.buffers.items():
@@ -221,8 +259,9 @@ class TokenStore:
             fresh = buffer.new_zeros(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
             fresh[:, :, : n // per] = gathered
             self.buffers[name] = fresh
-        self.positions = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=keep.device)
-        self.positions[..., :n] = kept_positions
+        if kept_positions is not None:
+            self.positions = kept_positions.new_zeros(batch, heads, capacity)
+            self.positions[..., :n] = kept_positions
         self.capacity = capacity
         self.tokens = counts.clone()
         self.length = int(counts.max()) if counts.numel() else 0
@@ -273,6 +312,8 @@ class TokenStore:
         """Absolute positions of tokens [start, stop): a range while they are implicit (every head alike), else
         int64 [batch, kv_heads, stop - start]."""
         stop = self.length if stop is None else stop
+        if self.explicit and self.positions is None:
+            raise KVCompressError(f"{self.name}: this store follows its layer's key store, which holds the positions")
         if self.positions is None:
             return range(self.first_position + start, self.first_position + stop)
         return self.positions[..., start:stop].long()

@@ -83,6 +83,8 @@ def kvcompress_attention(
         if "queries" in layer.observes:
             layer.observe("queries", query)
         segments, first_query = layer.read()
+        if layer.evictor is not None:
+            layer.note_attention(scaling, attention_mask)
     output = attend(
         query, segments, first_query, attention_mask, scaling, softcap, causal, dropout if module.training else 0.0
     )

@@ -13,6 +13,12 @@ A sliding-window layer (model_geometry's `windows`) frees, when a forward ends, 
 can attend to: dead sinks and tail tokens at once, dead packed tokens in whole groups once enough of them
 gather (amortized, so copying stays O(tokens)); the few dead ones left are hidden by the model's mask.
 
+A layer whose spec evicts tokens (`evict`) lets its evictor choose, at the end of a prefill and every `every`
+tokens while decoding, which tokens before the window stay: at the end of a first prefill among the tokens
+about to be compressed (the others are never encoded), later among the packed tokens (in whole groups);
+the stores then hold only what is kept, at its positions. Sliding-window layers do not evict (their window
+already bounds them).
+
 The layer knows how many tokens it has seen apart from how many it holds, and the position of every held
 token, so sequence lengths, masks and new positions stay right when it holds fewer than it has seen.
 The cache must be used on a model patched by kvcompress.patch / kvcompress.cache_for.
@@ -29,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from kvcompress.errors import KVCompressError, UnsupportedModelError
+from kvcompress.eviction import Candidates, group_queries
 from kvcompress.pipeline import LayerCodecs, build_codecs
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec, load_spec, parse_spec
@@ -177,7 +184,7 @@ class CompressedLayer(CacheLayerMixin):
         self.exact_new_tokens = exact_new_tokens
         where = f"layer {codecs.layer}"
         self.key_store = TokenStore(f"{where} keys")
-        self.value_store = TokenStore(f"{where} values")
+        self.value_store = TokenStore(f"{where} values", holds_positions=False)
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.tail_keys: torch.Tensor | None = None
@@ -187,6 +194,12 @@ class CompressedLayer(CacheLayerMixin):
         self.in_forward = False
         self.was_read = False  # attention read the layer in the running forward
         self.observed: dict[str, torch.Tensor] = {}
+        # Token eviction (none on sliding-window layers: their window bounds them already).
+        self.evictor = codecs.evictor if sliding_window is None else None
+        self.recent_queries: torch.Tensor | None = None  # the evictor's query window [batch, query_heads, w, dim]
+        self.attention_scale = head_dim**-0.5
+        self.visible: torch.Tensor | None = None  # [batch, positions]: what the forward's last query may see
+        self.next_eviction = 0  # decoding evicts again once `seen` reaches this (with `every`)
 
     def __repr__(self) -> str:
         return (
@@ -220,6 +233,15 @@ class CompressedLayer(CacheLayerMixin):
         self.in_forward = True
         self.was_read = False
         self.pending = None
+        self.visible = None
+
+    def note_attention(self, scale: float, mask: torch.Tensor | None) -> None:
+        """What the evictor needs of the forward's attention call: its score scale, and which positions the
+        forward's last query may see (the model's 4D mask: left padding is hidden)."""
+        self.attention_scale = scale
+        if mask is not None:
+            row = mask[:, 0, -1, :]
+            self.visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
     def observe(self, name: str, tensor: torch.Tensor) -> None:
         """Record what the running forward showed this layer (called by the patch and the attention)."""
@@ -303,10 +325,17 @@ class CompressedLayer(CacheLayerMixin):
                     f"layer {self.codecs.layer} stored tokens in the CompressedCache but its attention was not "
                     "kvcompress's; do not change the attention implementation of a patched model"
                 )
+            count = self.pending[0].shape[2]
+            self._remember_queries()
             self._store_pending()
+            if self.evictor is not None and (count > 1 or self._eviction_due()):
+                self._evict_packed()
+            if self.evictor is not None and self.codecs.eviction.every is None:
+                self.recent_queries = None  # no eviction while decoding: the next prompt brings its own queries
         if self.was_read:  # the forward's tokens are stored (by read() when not exact_new_tokens)
             self._free_dead()
         self.observed = {}
+        self.visible = None  # a view of the forward's mask: not held past it
 
     # ---------------------------------------------------------------------------------------------
     # storing
@@ -328,13 +357,125 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += count
         run = self.codecs.run
         overflow = (keys.shape[2] - self.codecs.window) // run * run
-        if overflow > 0:
-            observation = Observation(**self.observed) if self.observes else None
-            for codec, store, x in ((self.codecs.keys, self.key_store, keys), (self.codecs.values, self.value_store, values)):
-                shared = store.shared if store.layout is not None else None
-                store.append(codec.encode(x[:, :, :overflow], observation, shared), first_position)
         self.tail_keys = _owned(keys[:, :, overflow:])
         self.tail_values = _owned(values[:, :, overflow:])
+        if overflow <= 0:
+            return
+        leaving = (keys[:, :, :overflow], values[:, :, :overflow])
+        positions = counts = None
+        if self.evictor is not None and count > 1 and not self.key_store.length:
+            leaving, positions, counts = self._evict_dense(*leaving, first_position)
+            if not leaving[0].shape[2]:
+                return
+        observation = Observation(**self.observed) if self.observes else None
+        for codec, store, x in ((self.codecs.keys, self.key_store, leaving[0]), (self.codecs.values, self.value_store, leaving[1])):
+            shared = store.shared if store.layout is not None else None
+            store.append(codec.encode(x, observation, shared), first_position, positions)
+        if counts is not None:  # heads kept different counts: drop each head's padding rows
+            keep = torch.arange(leaving[0].shape[2], device=counts.device).expand(*counts.shape, -1)
+            self.key_store.select(keep, counts)
+            self.value_store.select(keep, counts)
+
+    # ---------------------------------------------------------------------------------------------
+    # eviction
+
+    def _eviction_target(self) -> int:
+        """Tokens the layer may hold per (sequence, head) on average after eviction."""
+        spec = self.codecs.eviction
+        return spec.budget if spec.budget is not None else round(spec.keep * self.seen)
+
+    def _eviction_due(self) -> bool:
+        every = self.codecs.eviction.every
+        return every is not None and self.seen >= self.next_eviction
+
+    def _remember_queries(self) -> None:
+        """Keep the evictor's query window: the latest `query_window` queries over the forwards."""
+        queries = self.observed.get("queries")
+        window = 0 if self.evictor is None else self.evictor.query_window
+        if not window or queries is None:
+            return
+        if self.recent_queries is not None and self.recent_queries.shape[0] == queries.shape[0]:
+            queries = torch.cat([self.recent_queries, queries], dim=2)
+        self.recent_queries = _owned(queries[:, :, -window:])
+
+    def _candidates(self, **where) -> Candidates:
+        """Candidates (from_dense or from_stores) with what every form shares: the latest queries, the mask's
+        visibility, and the sinks and window as the rest of the softmax."""
+        queries = query_positions = None
+        if self.recent_queries is not None:
+            queries = group_queries(self.recent_queries, self.kv_heads)
+            w = self.recent_queries.shape[2]
+            group = queries.shape[2] // w
+            query_positions = torch.arange(self.seen - w, self.seen, device=queries.device).repeat(group)
+        context = []
+        if self.sink_tokens:
+            context.append((self.sink_keys, torch.arange(self.sink_start, self.sink_start + self.sink_tokens)))
+        if self.tail_tokens:
+            context.append((self.tail_keys, torch.arange(self.seen - self.tail_tokens, self.seen)))
+        context = [(k, p.to(k.device)) for k, p in context]
+        common = dict(scale=self.attention_scale, queries=queries, query_positions=query_positions, context=context)
+        if "keys" in where:
+            candidates = Candidates.from_dense(where["keys"], where["positions"], self.codecs.token_block, valid=None, **common)
+            held = torch.ones_like(candidates.positions, dtype=torch.bool)
+        else:
+            store = self.key_store
+            candidates = Candidates.from_stores(store, self.codecs.keys, where["quantum"], valid=None, **common)
+            held = torch.arange(store.length, device=store.tokens.device) < store.tokens[..., None]
+        if self.visible is not None:
+            visible = self.visible.to(held.device).expand(held.shape[0], -1)
+            held = held & visible.gather(1, candidates.positions.flatten(1)).view_as(held)
+        candidates.valid = held
+        return candidates
+
+    def _evict_dense(
+        self, keys: torch.Tensor, values: torch.Tensor, first_position: int
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """At the end of a first prefill: the evictor keeps some of the tokens about to be compressed (keys,
+        values [batch, kv_heads, n, head_dim] from first_position). Returns the kept tokens (padded to the
+        longest head), their positions [batch, kv_heads, kept] (None if all stay) and each head's count (None
+        when every head keeps the same)."""
+        step = self.codecs.token_block
+        n = keys.shape[2]
+        keep = (self._eviction_target() - self.sink_tokens - self.tail_tokens) // step * step
+        self.next_eviction = self.seen + (self.codecs.eviction.every or 0)
+        if keep >= n:
+            return (keys, values), None, None
+        if keep <= 0:
+            return (keys[:, :, :0], values[:, :, :0]), None, None
+        positions = torch.arange(first_position, first_position + n, device=keys.device)
+        candidates = self._candidates(keys=keys, positions=positions)
+        indices, counts = self.evictor.select(candidates, keep)
+        candidates.check(indices, counts, keep, f"{self.codecs.eviction.method!r} (layer {self.codecs.layer})")
+        longest = int(counts.max())
+        indices = indices[..., :longest]
+        # a head's slots past its count repeat its last kept token (its KIVI group keeps its range), dropped later
+        last = indices.gather(2, (counts - 1).clamp(min=0)[..., None])
+        indices = torch.where(torch.arange(longest, device=indices.device) < counts[..., None], indices, last)
+        index = indices[..., None].expand(-1, -1, -1, keys.shape[3])
+        kept = (keys.gather(2, index), values.gather(2, index))
+        uneven = None if bool((counts == longest).all()) else counts
+        return kept, first_position + indices, uneven
+
+    def _evict_packed(self) -> None:
+        """Evict among the packed tokens, in whole groups of the stores' quantum, down to the layer's target."""
+        self.next_eviction = self.seen + (self.codecs.eviction.every or 0)
+        keys, values = self.key_store, self.value_store
+        if not keys.length:
+            return
+        quantum = math.lcm(keys.layout.quantum, values.layout.quantum)
+        keep = max(0, (self._eviction_target() - self.sink_tokens - self.tail_tokens) // quantum * quantum)
+        if int(keys.tokens.sum(-1).max()) <= keep * self.kv_heads:
+            return
+        candidates = self._candidates(quantum=quantum)
+        if keep:
+            indices, counts = self.evictor.select(candidates, keep)
+            candidates.check(indices, counts, keep, f"{self.codecs.eviction.method!r} (layer {self.codecs.layer})")
+            indices = indices[..., : int(counts.max())]
+        else:
+            indices = keys.tokens.new_zeros(*keys.tokens.shape, 0)
+            counts = torch.zeros_like(keys.tokens)
+        keys.select(indices, counts)
+        values.select(indices, counts)
 
     def _free_dead(self) -> None:
         """On a sliding layer, free the tokens the next query (at position `seen`) and every later one cannot
@@ -415,10 +556,11 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.sink_keys = self.sink_values = self.tail_keys = self.tail_values = None
         self.key_store = TokenStore(self.key_store.name)
-        self.value_store = TokenStore(self.value_store.name)
+        self.value_store = TokenStore(self.value_store.name, holds_positions=False)
         self.pending = None
         self.observed = {}
-        self.seen = 0
+        self.recent_queries = self.visible = None
+        self.seen = self.next_eviction = 0
         self.freed_before = self.sink_start = 0
         self.is_initialized = False
 
@@ -429,6 +571,8 @@ class CompressedLayer(CacheLayerMixin):
         self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
+        if self.recent_queries is not None:
+            self.recent_queries = fn(self.recent_queries)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -472,13 +616,15 @@ class CompressedLayer(CacheLayerMixin):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by this layer: packed keys and values (buffers with their headroom), the full-precision
-        window (sinks + tail), and the stores' bookkeeping (token counts, explicit positions)."""
+        window (sinks + tail), and the bookkeeping (the stores' token counts and explicit positions, the
+        evictor's query window)."""
         dense = (self.sink_keys, self.sink_values, self.tail_keys, self.tail_values)
+        queries = storage_nbytes([self.recent_queries]) if self.recent_queries is not None else 0
         return {
             "keys": self.key_store.nbytes(),
             "values": self.value_store.nbytes(),
             "window": storage_nbytes(t for t in dense if t is not None),
-            "index": self.key_store.index_nbytes() + self.value_store.index_nbytes(),
+            "index": self.key_store.index_nbytes() + self.value_store.index_nbytes() + queries,
         }
 
 
@@ -508,6 +654,11 @@ class CompressedCache(Cache):
         self.geometry = model_geometry(config)
         g = self.geometry
         codecs = build_codecs(self.spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)
+        if not exact_new_tokens and any(c.evictor is not None for c in codecs):
+            raise KVCompressError(
+                f"spec {self.spec.name!r} evicts tokens, which needs the forward's attention before its tokens are "
+                "stored; use exact_new_tokens=True (the default)"
+            )
         windows = g.windows or (None,) * g.num_layers
         super().__init__(
             layers=[CompressedLayer(c, g.kv_heads, g.head_dim, exact_new_tokens, w) for c, w in zip(codecs, windows)]
