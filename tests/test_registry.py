@@ -9,8 +9,10 @@ from typing import Literal
 
 import pytest
 
-from kvcompress import MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl, hookspecs
-from kvcompress.methods import STAGES
+from kvcompress import (
+    EvictionSpec, EvictorMethod, MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl, hookspecs,
+)
+from kvcompress.methods import METHOD_KINDS
 
 
 class EchoSpec(MethodSpec):
@@ -27,10 +29,32 @@ def test_the_hookspecs_declare_one_collector_per_stage():
     """kvcompress.hookspecs spells its hooks out (pluggy reads their names and docs from functions); each
     stage's hook is among them, returning a list of the stage's descriptor."""
     declared = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "kvcompress_spec")}
-    assert {stage.hook for stage in STAGES.values()} <= declared
-    for stage in STAGES.values():
+    assert {stage.hook for stage in METHOD_KINDS.values()} <= declared
+    for stage in METHOD_KINDS.values():
         returns = getattr(hookspecs, stage.hook).__annotations__["return"]
         assert returns == f"list[{stage.descriptor.__name__}]", stage.name
+
+
+class RecentSpec(EvictionSpec):
+    method: Literal["recent"] = "recent"
+
+
+def test_an_evictor_registers_and_its_spec_must_be_an_eviction_spec():
+    class Evictors:
+        def __init__(self, spec):
+            self.spec = spec
+
+        @hookimpl
+        def kvcompress_evictors(self):
+            return [EvictorMethod(name="recent", spec=self.spec, factory=lambda spec, ctx: None)]
+
+    registry = Registry(entry_points=False)
+    registry.register(Evictors(RecentSpec), "recent-plugin")
+    assert registry.get("evict", "recent").spec is RecentSpec
+    registry = Registry(entry_points=False)
+    registry.register(Evictors(EchoSpec), "bad-plugin")
+    with pytest.raises(PluginError, match="must subclass kvcompress.EvictionSpec"):
+        registry.names("evict")
 
 
 def test_core_methods_are_registered():
