@@ -224,3 +224,12 @@ def test_method_fields_are_strict_too(value):
             "values": {"quantizer": {"method": "float"}}}
     with pytest.raises(SpecError, match="keys.quantizer.group"):
         parse_spec(data)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_not_a_literal_choice(value):
+    """pydantic matches Literal[1, 2, ...] by equality, so `bits: true` would be bits 1: MethodSpec refuses it."""
+    data = {"name": "strict", "keys": {"quantizer": {"method": "scalar", "bits": value, "axis": "channel", "group": 32}},
+            "values": {"quantizer": {"method": "float"}}}
+    with pytest.raises(SpecError, match=f"keys.quantizer.bits: {value} is a boolean; this field takes one of 1, 2"):
+        parse_spec(data)

@@ -382,6 +382,12 @@ def _format_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
             problems.append(f"{path}: unknown field (given {error['input']!r}); allowed fields: {allowed}")
         elif kind == "missing":
             problems.append(f"{path}: required field is missing")
+        elif kind == "value_error" and isinstance(error["input"], dict):
+            # a model's own check (MethodSpec, EvictionSpec) names the field it refuses as "field: problem"
+            message = error["msg"].removeprefix("Value error, ")
+            field, _, problem = message.partition(": ")
+            named = field.isidentifier() and field in error["input"]
+            problems.append(f"{path}.{field}: {problem}" if named else f"{path}: {message}")
         else:
             problems.append(f"{path}: {error['msg']} (given {error['input']!r})")
     return problems

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import typing
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -16,6 +19,18 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_choices(cls, data: Any) -> Any:
+        """`bits: true` is not `bits: 1`: pydantic matches Literal choices by equality (True == 1), so a
+        boolean given where the field takes no boolean is refused here."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+                    raise ValueError(f"{name}: {value!r} is a boolean; this field takes {_describe(field.annotation)}")
+        return data
 
 
 class EvictionSpec(MethodSpec):
@@ -46,3 +61,15 @@ class EvictionSpec(MethodSpec):
         if (self.keep is None) == (self.budget is None):
             raise ValueError("give exactly one of keep (a fraction of the tokens) and budget (a token count)")
         return self
+
+
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (int, str, float)))
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
