@@ -7,8 +7,9 @@ estimator), which the reader (kvcompress_scalar.reader) takes off CUDA; tests ho
 
 Two launches:
   _decode_split_kernel, grid (batch x kv_heads, splits, query-row blocks): each program takes one KV head's
-      tokens [split * per_split, (split + 1) * per_split) and a block of up to 64 of its query rows (the rows
-      of every query head of that KV head, so grouped-query heads share each read of a packed block). Block
+      tokens [split * per_split, (split + 1) * per_split) and a block of up to 64 of its query rows (32 at
+      head_dim 256; rows run over (query head, token) of that KV head, so grouped-query heads share each read
+      of a packed block: decode at up to 16 query heads per KV head is one row block). Block
       by block of BT tokens it widens the packed keys and values into float32 tiles in registers
       (codes unpacked LSB-first through kvcompress_kernels.bitpack.unpack_codes, then the quantizer's
       parameters), scores them (scale, softcap, the reader's additive bias, which also hides each head's
@@ -40,7 +41,6 @@ from kvcompress.state import PackedState
 from kvcompress_kernels.dispatch import HAS_TRITON, block_size
 from kvcompress_scalar.quantizers import FP8Quantizer, LloydMaxQuantizer, MinMaxQuantizer
 
-FORMATS = ("minmax-channel", "minmax-token", "lloyd-max", "fp8")
 # Query rows (query heads of one KV head x query tokens) one program scores at most, and at head_dim 256
 # (query, output and tiles are float32 registers; more would spill).
 MAX_BLOCK_ROWS = 64

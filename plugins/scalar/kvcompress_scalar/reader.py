@@ -9,49 +9,28 @@ the values' codec after (inverse rotation, pruned channels as zeros), once per r
 
 from __future__ import annotations
 
-import torch
-
 from kvcompress.pipeline import EstimatorReader, LayerCodecs
 from kvcompress.runtime import Reader
-from kvcompress.state import PackedState
 from kvcompress_kernels.dispatch import use_triton
 from kvcompress_scalar.decode_kernels import MAX_DECODE_ROWS, fused_decode_triton, operand
 
 
 class FusedScalarReader(Reader):
     """Attention over a layer's scalar/fp8 packed keys and values: the fused Triton kernels for decode on
-    CUDA, else the estimators (EstimatorReader), which are the kernels' reference."""
+    CUDA, else the estimators (EstimatorReader), which are the kernels' reference.
 
-    def __init__(self, codecs: LayerCodecs):
+    splits: programs sharing a head's tokens (None: enough to fill the GPU)."""
+
+    def __init__(self, codecs: LayerCodecs, splits: int | None = None):
         self.keys, self.values = codecs.keys, codecs.values
         self.estimators = EstimatorReader(codecs.keys, codecs.values)
+        self.splits = splits
 
-    def attend(
-        self,
-        query: torch.Tensor,
-        keys: PackedState,
-        values: PackedState,
-        bias: torch.Tensor | None,
-        scale: float,
-        softcap: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, query, keys, values, bias, scale, softcap):  # typed and documented by Reader.attend
         if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or not use_triton(query):
             return self.estimators.attend(query, keys, values, bias, scale, softcap)
-        return self.fused(query, keys, values, bias, scale, softcap)
-
-    def fused(
-        self,
-        query: torch.Tensor,
-        keys: PackedState,
-        values: PackedState,
-        bias: torch.Tensor | None,
-        scale: float,
-        softcap: float | None,
-        splits: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Triton path whatever the device and query length (attend chooses; tests call this)."""
         out, lse = fused_decode_triton(
             self.keys.stored_query(query, keys), operand(self.keys.quantizer, keys),
-            operand(self.values.quantizer, values), bias, scale, softcap, splits,
+            operand(self.values.quantizer, values), bias, scale, softcap, self.splits,
         )
         return self.values.restored_mix(out, values).float(), lse
