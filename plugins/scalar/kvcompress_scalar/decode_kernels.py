@@ -395,7 +395,7 @@ if HAS_TRITON:
             )
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             running_max = new_max
-        part = (bh * tl.num_programs(1) + split) * n + offs_n
+        part = ((bh * tl.num_programs(1) + split) * n).to(tl.int64) + offs_n  # x dv may pass 2**31
         tl.store(
             parts_ptr + part[:, None] * dv + offs_v[None, :], acc / running_sum[:, None],
             mask=live_n[:, None] & live_v[None, :],
@@ -413,7 +413,7 @@ if HAS_TRITON:
         total = tl.zeros([BN], tl.float32)
         acc = tl.zeros([BN, BD], tl.float32)
         for split in range(splits):
-            row = (bh * splits + split) * n + offs_n
+            row = ((bh * splits + split) * n).to(tl.int64) + offs_n
             lse = tl.load(part_lse_ptr + row, mask=live_n, other=0.0)
             part = tl.load(parts_ptr + row[:, None] * dv + offs_d[None, :], mask=live, other=0.0)
             new_max = tl.maximum(total_max, lse)
@@ -422,6 +422,6 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + part * weight[:, None]
             total = total * alpha + weight
             total_max = new_max
-        row = bh * n + offs_n
+        row = (bh * n).to(tl.int64) + offs_n
         tl.store(out_ptr + row[:, None] * dv + offs_d[None, :], acc / total[:, None], mask=live)
         tl.store(lse_ptr + row, total_max + tl.log(total), mask=live_n)
