@@ -27,23 +27,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = Path(__file__).resolve().parents[3] / "specs"
 KIVI = {"method": "scalar", "axis": "channel", "group": 32}
 KIVI_VALUES = {"method": "scalar", "axis": "token", "group": 32}
-LLOYD = {"method": "scalar", "axis": "token", "group": 64, "grid": "lloyd-max"}
-HADAMARD = {"method": "hadamard", "seed": 3}
-
-# (keys pipeline, values pipeline) by the shipped spec they follow (specs/*.yaml), plus mixed and odd pairs
-PAIRS = {
-    "kivi-2": ({"quantizer": {**KIVI, "bits": 2}}, {"quantizer": {**KIVI_VALUES, "bits": 2}}),
-    "kivi-4": ({"quantizer": {**KIVI, "bits": 4}}, {"quantizer": {**KIVI_VALUES, "bits": 4}}),
-    "rot-k4v2": (
-        {"quantizer": {**LLOYD, "bits": 4}, "transform": HADAMARD},
-        {"quantizer": {**LLOYD, "bits": 2}, "transform": HADAMARD},
-    ),
-    "fp8": ({"quantizer": {"method": "fp8"}}, {"quantizer": {"method": "fp8"}}),
-    "think-kivi-4": (
-        {"quantizer": {**KIVI, "bits": 4}, "pruner": {"method": "think", "ratio": 0.25, "window": 4}},
-        {"quantizer": {**KIVI_VALUES, "bits": 4}},
-    ),
-    # 3-bit codes straddle bytes; unscaled fp8 values beside min/max keys
+SHIPPED = ("kivi-2", "kivi-4", "rot-k4v2", "fp8", "think-kivi-4")  # specs/*.yaml
+# (keys pipeline, values pipeline) of pairs no shipped spec has: 3-bit codes straddle bytes, unscaled fp8 values
+# beside min/max keys
+OTHER_PAIRS = {
     "k3-fp8raw": (
         {"quantizer": {"method": "scalar", "bits": 3, "axis": "token", "group": 16}},
         {"quantizer": {"method": "fp8", "scale": "none"}},
@@ -61,9 +48,12 @@ class Layer:
 def make_layer(pair: str, head_dim: int, kv_heads: int, tokens: int, seed: int, dtype=torch.float32) -> Layer:
     """Both roles' stores filled with `tokens` random tokens; then each (sequence, head) keeps its own count
     (whole groups of the keys' quantum), so heads hold uneven numbers of tokens with padding rows after them."""
-    keys_spec, values_spec = PAIRS[pair]
     gen = torch.Generator().manual_seed(seed)
-    spec = parse_spec({"name": pair, "window": 4, "keys": keys_spec, "values": values_spec})
+    if pair in SHIPPED:
+        spec = kvcompress.load_spec(SPECS / f"{pair}.yaml")
+    else:
+        keys_spec, values_spec = OTHER_PAIRS[pair]
+        spec = parse_spec({"name": pair, "window": 4, "keys": keys_spec, "values": values_spec})
     layer = build_codecs(spec, num_layers=1, head_dim=head_dim, kv_heads=kv_heads)[0]  # the scalar estimators
     assert isinstance(layer.reader, FusedScalarReader)
     codecs = (layer.keys, layer.values)
@@ -127,26 +117,31 @@ CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pair, head_dim, groups, queries, tokens", CASES, ids=lambda v: str(v))
 def test_fused_kernels_equal_the_estimator_path(pair, head_dim, groups, queries, tokens):
     check(pair, head_dim, groups, queries, tokens)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("splits", [1, 3])
 def test_one_split_and_several_merge_to_the_same_read(splits):
     check("kivi-4", 64, 4, 2, 96, splits=splits)
 
 
+@pytest.mark.triton
 def test_softcap_is_applied_before_the_bias():
     check("rot-k4v2", 64, 4, 1, 37, softcap=2.0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pair", ["fp8", "kivi-4"])
 def test_fp16_queries(pair):
     # fp8 keys against an fp16 query take the fp16 dot, exact there
     check(pair, 64, 4, 1, 64, dtype=torch.float16)
 
 
+@pytest.mark.triton
 def test_a_query_block_taller_than_one_program_spans_row_blocks():
     check("kivi-2", 64, 8, 9, 64)  # 72 rows: two blocks of query rows
 
@@ -160,6 +155,7 @@ def test_a_query_in_the_wrong_space_is_refused():
         fused_decode_triton(query, keys_operand, values_operand, None, 1.0, None)
 
 
+@pytest.mark.triton
 def test_the_reader_takes_the_kernels_only_for_triton_and_decode_sized_reads(monkeypatch):
     layer = make_layer("kivi-4", 64, kv_heads=2, tokens=64, seed=0)
     calls = []
@@ -179,7 +175,7 @@ def test_the_reader_takes_the_kernels_only_for_triton_and_decode_sized_reads(mon
     assert calls == [4]
 
 
-@pytest.mark.parametrize("spec", ["kivi-2", "kivi-4", "rot-k4v2", "fp8", "think-kivi-4"])
+@pytest.mark.parametrize("spec", SHIPPED)
 def test_shipped_scalar_specs_get_the_fused_reader(spec):
     layers = build_codecs(kvcompress.load_spec(SPECS / f"{spec}.yaml"), num_layers=2, head_dim=64, kv_heads=2)
     assert all(isinstance(layer.reader, FusedScalarReader) for layer in layers)
@@ -213,6 +209,7 @@ def test_a_pair_with_another_family_keeps_the_default_reader():
     assert not isinstance(layers[0].reader, FusedScalarReader)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("values", [{**KIVI_VALUES, "bits": 2, "group": 8}, {"method": "fp8"}], ids=["kivi", "fp8"])
 def test_generation_through_the_fused_reader_matches_the_torch_reader(monkeypatch, values):
     """A tiny model (head_dim 16, 2 query heads per KV head) generating with KVCOMPRESS_KERNELS=triton reads
