@@ -403,7 +403,9 @@ if HAS_TRITON:
         tl.store(part_lse_ptr + part, running_max + tl.log(running_sum), mask=live_n)
 
     @triton.jit
-    def _merge_splits_kernel(parts_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, n, dv, BN: tl.constexpr, BD: tl.constexpr):
+    def _merge_splits_kernel(
+        parts_ptr, part_lse_ptr, out_ptr, lse_ptr, splits, n, dv, BN: tl.constexpr, BD: tl.constexpr,
+    ):
         bh = tl.program_id(0)
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
         live_n = offs_n < n

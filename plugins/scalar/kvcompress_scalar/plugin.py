@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, TransformMethod, hookimpl
+from kvcompress import (
+    EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, TransformMethod, hookimpl,
+)
 
 # Grids with tabulated Lloyd-Max levels (computed in kvcompress_scalar.quantizers).
 LLOYD_MAX_BITS = (1, 2, 3, 4)
