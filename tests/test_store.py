@@ -122,6 +122,21 @@ def test_selection_must_keep_whole_groups_and_held_tokens():
         store.select(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]).expand(B, H, 8))
 
 
+def test_float8_rows_are_selected_and_appended_unevenly_bit_for_bit():
+    """fp8 states (no CPU gather or scatter for float8 in torch) move as their bytes."""
+    first, second = block(8, 0), block(4, 8)
+    for state in (first, second):
+        state.tensors = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in state.tensors.items()}
+    store = TokenStore("layer 0 values")
+    store.append(first, first_position=0)
+    counts = torch.tensor([[8, 4, 4], [4, 8, 8]])
+    store.select(torch.arange(8).expand(B, H, 8), counts)
+    store.append(second, first_position=8)
+    for b in range(B):
+        for h in range(H):
+            assert held_rows(store, b, h) == list(range(int(counts[b, h]))) + [8.0, 9.0, 10.0, 11.0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, B - 1), min_size=1, max_size=4), st.integers(1, 6))
 def test_batch_reorder_follows_dim_zero(order, groups):

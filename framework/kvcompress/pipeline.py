@@ -90,16 +90,23 @@ class RoleCodec:
 
     def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         """query grouped by KV head [batch, kv_heads, n, head_dim] -> [batch, kv_heads, n, tokens]."""
-        if self.pruner is not None:
-            query = _gather_channels(query, state.shared[CHANNELS])
-        if self.transform is not None:
-            query = self.transform.forward(query)
-        return self.estimator.scores(query, state)
+        return self.estimator.scores(self.stored_query(query, state), state)
 
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
-        out = self.estimator.mix(weights, state)
-        out = self.transform.inverse(out) if self.transform is not None else out
-        return self._unprune(out, state)
+        return self.restored_mix(self.estimator.mix(weights, state), state)
+
+    def stored_query(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        """A query [batch, kv_heads, n, head_dim] in the space the state's vectors are stored in: the kept
+        channels, transformed (what estimators and fused readers score against)."""
+        if self.pruner is not None:
+            query = _gather_channels(query, state.shared[CHANNELS])
+        return self.transform.forward(query) if self.transform is not None else query
+
+    def restored_mix(self, mix: torch.Tensor, state: PackedState) -> torch.Tensor:
+        """A mix of the state's stored vectors [batch, kv_heads, n, kept] back in head space: the inverse
+        transform, pruned channels as zeros."""
+        mix = self.transform.inverse(mix) if self.transform is not None else mix
+        return self._unprune(mix, state)
 
     def _unprune(self, x: torch.Tensor, state: PackedState) -> torch.Tensor:
         """Kept channels back in place among zeros: the pruned channels contribute nothing."""

@@ -116,7 +116,7 @@ class TokenStore:
             per = self.layout.tokens_per_row[name]
             rows = state.tensors[name].shape[ROW_DIM]
             index = (self.tokens // per)[..., None] + torch.arange(rows, device=buffer.device)
-            buffer.scatter_(ROW_DIM, _expand_index(index, buffer), state.tensors[name])
+            _bits(buffer).scatter_(ROW_DIM, _expand_index(index, buffer), _bits(state.tensors[name]))
         if new is not None:
             index = self.tokens[..., None] + torch.arange(count, device=self.tokens.device)
             self.positions.scatter_(2, index, new.expand(*self.tokens.shape, count).to(self.positions.dtype))
@@ -253,9 +253,9 @@ class TokenStore:
                 whole = (rows[..., None] * per + torch.arange(per, device=keep.device)).reshape(batch, heads, n)
                 if not torch.equal(whole[valid], keep[valid]):
                     raise KVCompressError(f"{self.name}: tensor {name!r} stores one row per {per} tokens; keep whole groups")
-            gathered = buffer.gather(ROW_DIM, _expand_index(rows, buffer))
+            gathered = _bits(buffer).gather(ROW_DIM, _expand_index(rows, buffer))
             unused = torch.arange(n // per, device=keep.device) >= (counts // per)[..., None]
-            gathered.masked_fill_(_expand_index(unused, gathered), 0)
+            gathered = gathered.masked_fill_(_expand_index(unused, gathered), 0).view(buffer.dtype)
             fresh = buffer.new_zeros(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
             fresh[:, :, : n // per] = gathered
             self.buffers[name] = fresh
@@ -344,6 +344,12 @@ class TokenStore:
     def held_tokens(self) -> int:
         """Tokens held, summed over sequences and heads."""
         return 0 if self.tokens is None else int(self.tokens.sum())
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor viewed as integers of its element size, for the row moves: torch has no gather, scatter or
+    masked_fill for float8 (fp8 states) on the CPU; moving bits is exact for every dtype."""
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:

@@ -91,16 +91,26 @@ if HAS_TRITON:
         tl.store(out_ptr + row * nbytes + offs, acc.to(tl.uint8), mask=live)
 
     @triton.jit
+    def unpack_codes(row, index, nbytes, mask, BITS: tl.constexpr):
+        """int32 codes number `index` of the packed rows starting at pointers `row` (broadcast together), 0 where
+        `mask` is False; nbytes: bytes per row. Code i starts at bit i * BITS, LSB first: one byte holds it
+        when BITS divides 8, else it spans up to ceil((BITS + 7) / 8) bytes, read as one little-endian word."""
+        bit = index * BITS
+        first = bit // 8
+        word = tl.load(row + first, mask=mask, other=0).to(tl.int32)
+        if 8 % BITS != 0:
+            for k in tl.static_range(1, (BITS + 14) // 8):
+                byte = tl.load(row + first + k, mask=mask & (first + k < nbytes), other=0).to(tl.int32)
+                word |= byte << (8 * k)
+        return (word >> (bit % 8)) & ((1 << BITS) - 1)
+
+    @triton.jit
     def _unpack_kernel(packed_ptr, out_ptr, n, nbytes, BITS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for s in tl.static_range(BITS):
-            bit = offs * BITS + s
-            byte = tl.load(packed_ptr + row * nbytes + bit // 8, mask=live, other=0).to(tl.int32)
-            acc |= ((byte >> (bit % 8)) & 1) << s
-        tl.store(out_ptr + row * n + offs, acc.to(out_ptr.dtype.element_ty), mask=live)
+        codes = unpack_codes(packed_ptr + row * nbytes, offs, nbytes, live, BITS)
+        tl.store(out_ptr + row * n + offs, codes.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -35,3 +35,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if choice == "triton":
         return True
     return all(t.is_cuda for t in tensors)
+
+
+def block_size(n: int, least: int = 16) -> int:
+    """A power of two covering n, at least `least` (16 is the smallest tl.dot operand): a Triton block dim."""
+    return max(least, 1 << max(0, n - 1).bit_length())

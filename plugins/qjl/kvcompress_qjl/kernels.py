@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, block_size, use_triton
 from kvcompress_kernels.bitpack import pack_bits_torch
 from kvcompress_kernels.scratch import scratch
 
@@ -201,11 +201,6 @@ def qjl_scores(
     return qjl_scores_torch(query, codes, sketch, scale, outlier_index, group)
 
 
-def _block(n: int) -> int:
-    """A power-of-two block size of at least 16 (the smallest tl.dot operand) covering n."""
-    return max(16, 1 << max(0, n - 1).bit_length())
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -376,7 +371,7 @@ def qjl_quantize_triton(
             signs, norm, outlier_signs, outlier_norm,
             t, d, m, m_out, outlier_index.shape[2] if has_outliers else 1, group,
             outlier_index.shape[3] if has_outliers else 0,
-            BT=block_tokens, BD=_block(d), BYTES=_block(m // 8), BYTES_OUT=_block(m_out // 8),
+            BT=block_tokens, BD=block_size(d), BYTES=block_size(m // 8), BYTES_OUT=block_size(m_out // 8),
             HAS_OUTLIERS=has_outliers,
         )
     if not has_outliers:
@@ -420,7 +415,7 @@ def qjl_scores_triton(
             sketch.float().contiguous(), out,
             n, t, d, m, m_out, groups, tokens, outliers, groups_per_program,
             scale / m, scale / m_out,
-            BN=block_queries, BT=_block(tokens), BD=_block(d), BM=_block(m), BM_OUT=_block(m_out),
-            BO=_block(outliers), HAS_OUTLIERS=has_outliers,
+            BN=block_queries, BT=block_size(tokens), BD=block_size(d), BM=block_size(m), BM_OUT=block_size(m_out),
+            BO=block_size(outliers), HAS_OUTLIERS=has_outliers,
         )
     return out

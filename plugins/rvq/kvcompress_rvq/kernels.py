@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, block_size, use_triton
 from kvcompress_kernels.bitpack import packed_length, unpack_bits
 
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
@@ -139,11 +139,6 @@ def lut_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, b
     return lut_scores_torch(tables, codes, scale, bits)
 
 
-def _block(n: int, least: int = 16) -> int:
-    """A power of two covering n, at least `least` (16 is the smallest tl.dot operand)."""
-    return max(least, 1 << max(0, n - 1).bit_length())
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -220,7 +215,7 @@ def nearest_codeword_triton(
     out = torch.empty(rows, dtype=torch.int64, device=r.device)
     if rows:
         _nearest_codeword_kernel[(triton.cdiv(rows, block_rows),)](
-            r, c, norms, out, rows, c.shape[0], width, BN=block_rows, BC=block_codes, BG=_block(width),
+            r, c, norms, out, rows, c.shape[0], width, BN=block_rows, BC=block_codes, BG=block_size(width),
         )
     return out
 
@@ -236,6 +231,6 @@ def lut_scores_triton(
     if b * h * n * t:
         _lut_scores_kernel[(b * h, triton.cdiv(t, block_tokens))](
             tables.float().contiguous(), codes.contiguous(), scale.contiguous(), out,
-            n, t, m, size, nbytes, BITS=bits, BT=block_tokens, BM=_block(m, 2),
+            n, t, m, size, nbytes, BITS=bits, BT=block_tokens, BM=block_size(m, 2),
         )
     return out

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, TransformMethod, hookimpl
+from kvcompress import (
+    EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, TransformMethod, hookimpl,
+)
 
 # Grids with tabulated Lloyd-Max levels (computed in kvcompress_scalar.quantizers).
 LLOYD_MAX_BITS = (1, 2, 3, 4)
@@ -123,6 +125,12 @@ def make_estimator(spec: ScalarEstimatorSpec, ctx: LayerContext):
     return ScalarEstimator(ctx.quantizer)
 
 
+def make_fused_reader(codecs, ctx: LayerContext):
+    from kvcompress_scalar.reader import FusedScalarReader
+
+    return FusedScalarReader(codecs)
+
+
 @hookimpl
 def kvcompress_quantizers() -> list[QuantizerMethod]:
     return [
@@ -151,5 +159,16 @@ def kvcompress_transforms() -> list[TransformMethod]:
     return [
         TransformMethod(
             name="hadamard", spec=HadamardSpec, factory=make_hadamard, description=HadamardSpec.__doc__.splitlines()[0]
+        )
+    ]
+
+
+@hookimpl
+def kvcompress_readers() -> list[ReaderMethod]:
+    return [
+        ReaderMethod(
+            name="scalar-fused", factory=make_fused_reader, keys=frozenset({"scalar", "fp8"}),
+            values=frozenset({"scalar", "fp8"}),
+            description="fused Triton decode attention over scalar and fp8 keys and values (CUDA)",
         )
     ]

@@ -159,6 +159,10 @@ class LloydMaxQuantizer(Quantizer):
             self._on_device[device] = (self.levels.to(device), self.thresholds.to(device))
         return self._on_device[device]
 
+    def levels_on(self, device: torch.device) -> torch.Tensor:
+        """The float32 levels on `device` (copied there once)."""
+        return self._tables(device)[0]
+
     def encode(self, x: torch.Tensor) -> PackedState:
         b, h, t, d = x.shape
         grouped = x.float().reshape(b, h, t, d // self.group, self.group)

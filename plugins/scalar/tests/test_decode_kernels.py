@@ -1,0 +1,240 @@
+"""The fused decode kernels equal the estimator path they replace, and the reader takes them where it should.
+
+On CUDA the kernels run on the GPU; elsewhere under TRITON_INTERPRET=1 (conftest.py), so shapes stay small.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvcompress
+from kvcompress import parse_spec
+from kvcompress.pipeline import build_codecs
+from kvcompress.runtime import Observation
+from kvcompress.store import TokenStore
+from kvcompress.testing import tiny_model
+from kvcompress_kernels.partial import bias_from_mask
+from kvcompress_scalar import reader as reader_module
+from kvcompress_scalar.decode_kernels import MAX_DECODE_ROWS, SPEC_PAIRS, compile_cases, fused_decode_triton, operand
+from kvcompress_scalar.reader import FusedScalarReader
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPECS = Path(__file__).resolve().parents[3] / "specs"
+KIVI = {"method": "scalar", "axis": "channel", "group": 32}
+KIVI_VALUES = {"method": "scalar", "axis": "token", "group": 32}
+SHIPPED = ("kivi-2", "kivi-4", "rot-k4v2", "fp8", "think-kivi-4")  # specs/*.yaml
+# (keys pipeline, values pipeline) of pairs no shipped spec has: 3-bit codes straddle bytes, unscaled fp8 values
+# beside min/max keys
+OTHER_PAIRS = {
+    "k3-fp8raw": (
+        {"quantizer": {"method": "scalar", "bits": 3, "axis": "token", "group": 16}},
+        {"quantizer": {"method": "fp8", "scale": "none"}},
+    ),
+}
+
+
+@dataclass
+class Layer:
+    reader: FusedScalarReader
+    keys: TokenStore
+    values: TokenStore
+
+
+def make_layer(pair: str, head_dim: int, kv_heads: int, tokens: int, seed: int, dtype=torch.float32) -> Layer:
+    """Both roles' stores filled with `tokens` random tokens; then each (sequence, head) keeps its own count
+    (whole groups of the keys' quantum), so heads hold uneven numbers of tokens with padding rows after them."""
+    gen = torch.Generator().manual_seed(seed)
+    if pair in SHIPPED:
+        spec = kvcompress.load_spec(SPECS / f"{pair}.yaml")
+    else:
+        keys_spec, values_spec = OTHER_PAIRS[pair]
+        spec = parse_spec({"name": pair, "window": 4, "keys": keys_spec, "values": values_spec})
+    layer = build_codecs(spec, num_layers=1, head_dim=head_dim, kv_heads=kv_heads)[0]  # the scalar estimators
+    assert isinstance(layer.reader, FusedScalarReader)
+    codecs = (layer.keys, layer.values)
+    batch = 2
+    observation = Observation(queries=torch.randn(batch, kv_heads, 4, head_dim, generator=gen))
+    stores = []
+    for codec in codecs:
+        x = (torch.randn(batch, kv_heads, tokens, head_dim, generator=gen) * 2 + 0.5).to(dtype)
+        store = TokenStore(codec.name)
+        store.append(codec.encode(x, observation).map(lambda t: t.to(DEVICE)), first_position=0)
+        stores.append(store)
+    quantum = stores[0].layout.quantum
+    counts = torch.full((batch, kv_heads), tokens)
+    counts[0, -1] = tokens - quantum
+    counts[1, 0] = max(quantum, tokens // 2 // quantum * quantum)
+    keep = torch.arange(tokens).expand(batch, kv_heads, tokens)
+    for store in stores:
+        store.select(keep.to(DEVICE), counts.to(DEVICE))
+    return Layer(layer.reader, *stores)
+
+
+def read_bias(layer: Layer, rows: int, left_padding: int) -> torch.Tensor:
+    """The additive bias attention hands a reader: the padding rows of heads holding fewer tokens, sequence
+    1's first `left_padding` tokens hidden, and (per query row) the last row's final tokens hidden."""
+    visible = ~layer.keys.padding()[:, :, None, :].expand(-1, -1, rows, -1).clone()
+    visible[1, :, :, :left_padding] = False
+    visible[:, :, -1, -3:] = False
+    return bias_from_mask(visible)
+
+
+def check(pair: str, head_dim: int, groups: int, queries: int, tokens: int, *, splits=None, softcap=None,
+          dtype=torch.float32, seed=0) -> None:
+    layer = make_layer(pair, head_dim, kv_heads=2, tokens=tokens, seed=seed, dtype=dtype)
+    rows = groups * queries
+    gen = torch.Generator().manual_seed(seed + 1)
+    query = (torch.randn(2, 2, rows, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    bias = read_bias(layer, rows, left_padding=5)
+    keys, values = layer.keys.view(), layer.values.view()
+    scale = head_dim**-0.5
+    layer.reader.splits = splits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCOMPRESS_KERNELS", "triton")
+        out, lse = layer.reader.attend(query, keys, values, bias, scale, softcap)
+    # The estimator path rounds scores and weights to the query's dtype; the kernels keep float32 throughout
+    # (an fp16 query is exact in float32, and so are fp16 products), so they are held to its float32 read.
+    expected, expected_lse = layer.reader.estimators.attend(query.float(), keys, values, bias, scale, softcap)
+    tolerance = {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-4}
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, expected, **tolerance)
+    torch.testing.assert_close(lse, expected_lse, **tolerance)
+
+
+# (pair, head_dim, query heads per KV head, query tokens, tokens stored): every pair at every head_dim,
+# groups 1/4/8 and 1 or several query tokens spread over them
+CASES = [
+    ("kivi-2", 64, 1, 1, 96), ("kivi-2", 128, 8, 1, 64), ("kivi-2", 256, 4, 3, 64),
+    ("kivi-4", 64, 4, 1, 96), ("kivi-4", 128, 1, 5, 64), ("kivi-4", 256, 8, 1, 64),
+    ("rot-k4v2", 64, 8, 2, 37), ("rot-k4v2", 128, 4, 1, 45), ("rot-k4v2", 256, 1, 1, 29),
+    ("fp8", 64, 1, 16, 41), ("fp8", 128, 8, 1, 37), ("fp8", 256, 4, 2, 23),
+    ("think-kivi-4", 64, 4, 1, 96), ("k3-fp8raw", 48, 4, 3, 39),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("pair, head_dim, groups, queries, tokens", CASES, ids=lambda v: str(v))
+def test_fused_kernels_equal_the_estimator_path(pair, head_dim, groups, queries, tokens):
+    check(pair, head_dim, groups, queries, tokens)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_split_and_several_merge_to_the_same_read(splits):
+    check("kivi-4", 64, 4, 2, 96, splits=splits)
+
+
+@pytest.mark.triton
+def test_softcap_is_applied_before_the_bias():
+    check("rot-k4v2", 64, 4, 1, 37, softcap=2.0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("pair", ["fp8", "kivi-4"])
+def test_fp16_queries(pair):
+    # fp8 keys against an fp16 query take the fp16 dot, exact there
+    check(pair, 64, 4, 1, 64, dtype=torch.float16)
+
+
+@pytest.mark.triton
+def test_a_query_block_taller_than_one_program_spans_row_blocks():
+    check("kivi-2", 64, 8, 9, 64)  # 72 rows: two blocks of query rows
+
+
+def test_a_query_in_the_wrong_space_is_refused():
+    layer = make_layer("think-kivi-4", 64, kv_heads=2, tokens=64, seed=0)
+    keys_operand = operand(layer.reader.keys.quantizer, layer.keys.view())
+    values_operand = operand(layer.reader.values.quantizer, layer.values.view())
+    query = torch.zeros(2, 2, 1, 64, device=DEVICE)  # 64 channels; the keys store 48
+    with pytest.raises(ValueError, match="stored_query"):
+        fused_decode_triton(query, keys_operand, values_operand, None, 1.0, None)
+
+
+@pytest.mark.triton
+def test_the_reader_takes_the_kernels_only_for_triton_and_decode_sized_reads(monkeypatch):
+    layer = make_layer("kivi-4", 64, kv_heads=2, tokens=64, seed=0)
+    calls = []
+    real = reader_module.fused_decode_triton
+    monkeypatch.setattr(reader_module, "fused_decode_triton", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    keys, values = layer.keys.view(), layer.values.view()
+
+    def read(rows: int) -> None:
+        layer.reader.attend(torch.randn(2, 2, rows, 64, device=DEVICE), keys, values, None, 0.125, None)
+
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    read(4)
+    assert calls == []
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "triton")
+    read(4)
+    read(MAX_DECODE_ROWS + 1)  # a prefill-sized block keeps the estimator path
+    assert calls == [4]
+
+
+@pytest.mark.parametrize("spec", SHIPPED)
+def test_shipped_scalar_specs_get_the_fused_reader(spec):
+    layers = build_codecs(kvcompress.load_spec(SPECS / f"{spec}.yaml"), num_layers=2, head_dim=64, kv_heads=2)
+    assert all(isinstance(layer.reader, FusedScalarReader) for layer in layers)
+
+
+@pytest.mark.parametrize("spec", sorted(SPEC_PAIRS))
+def test_the_compiled_pairs_are_the_shipped_specs(spec):
+    layer = build_codecs(kvcompress.load_spec(SPECS / f"{spec}.yaml"), num_layers=1, head_dim=64, kv_heads=1)[0]
+    for codec, expected in zip((layer.keys, layer.values), SPEC_PAIRS[spec]):
+        read = operand(codec.quantizer, codec.encode(torch.randn(1, 1, codec.token_block, 64)))
+        assert (read.format, read.bits, read.group, read.has_scale) == expected
+
+
+def test_compile_cases_type_every_argument_and_fix_every_constexpr():
+    """What an ahead-of-time triton.compile needs of each case (the kernels compile for sm_80 and sm_90)."""
+    cases = compile_cases()
+    assert len({case.kernel for case in cases}) == 2  # the split kernel and the merge
+    for case in cases:
+        params = inspect.signature(case.kernel.fn).parameters
+        constexprs = {name for name, param in params.items() if "constexpr" in str(param.annotation)}
+        assert list(case.signature) == list(params)
+        assert set(case.constexprs) == constexprs == {n for n, kind in case.signature.items() if kind == "constexpr"}
+
+
+def test_a_pair_with_another_family_keeps_the_default_reader():
+    spec = parse_spec({
+        "name": "mixed", "window": 4,
+        "keys": {"quantizer": {**KIVI, "bits": 4}}, "values": {"quantizer": {"method": "float"}},
+    })
+    layers = build_codecs(spec, num_layers=1, head_dim=64, kv_heads=2)
+    assert not isinstance(layers[0].reader, FusedScalarReader)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("values", [{**KIVI_VALUES, "bits": 2, "group": 8}, {"method": "fp8"}], ids=["kivi", "fp8"])
+def test_generation_through_the_fused_reader_matches_the_torch_reader(monkeypatch, values):
+    """A tiny model (head_dim 16, 2 query heads per KV head) generating with KVCOMPRESS_KERNELS=triton reads
+    its packed middle through the kernels; the tokens equal, and the logits match, the torch path's."""
+    spec = {
+        "name": "fused", "window": 4, "compress_run": 8,
+        "keys": {"quantizer": {**KIVI, "bits": 4, "group": 8}}, "values": {"quantizer": values},
+    }
+    model = tiny_model("llama").to(DEVICE)
+    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    calls = []
+    real = reader_module.fused_decode_triton
+    monkeypatch.setattr(reader_module, "fused_decode_triton", lambda *a: calls.append(1) or real(*a))
+    results = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
+        cache = kvcompress.cache_for(model, spec)
+        results[kernels] = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    assert calls, "the triton run never reached the fused kernels"
+    assert results["triton"].sequences.tolist() == results["torch"].sequences.tolist()
+    torch.testing.assert_close(
+        torch.stack(results["triton"].logits), torch.stack(results["torch"].logits), atol=1e-4, rtol=1e-4
+    )
