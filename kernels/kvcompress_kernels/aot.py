@@ -67,9 +67,12 @@ def _capture(cases: list[AOTCase]) -> list[_Launch]:
             _Launch(case, kernel, args, kwargs)
         )
         try:
+            before = len(launches)
             case.launch()
         finally:
             JITFunction.run = running
+        if len(launches) == before:
+            raise ValueError(f"AOT case {case.label!r} launched no Triton kernel: its launch must call a launcher")
     return launches
 
 
