@@ -1,10 +1,11 @@
 """The benchmarks run: benchmarks/codecs.py on every shipped spec whose constants are at hand, benchmarks/e2e.py on a
-tiny random model (tiny contexts: no timing claims)."""
+tiny random model, benchmarks/gpu_check.py in its CPU mode (tiny contexts: no timing claims)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,17 @@ def test_e2e_benchmark_reports_every_config_of_every_length_against_the_baseline
     assert long[BASELINE]["kth_ratio"] == 1.0 and long["kivi-2"]["kth_tokens"] == [8, 11]
     assert all(w[key] > 0 for w in long.values() for key in ("first_ms", "kth_ms", "first_ratio", "kth_ratio"))
     assert "| 72 | kivi-2 |" in e2e.markdown(rows)
+
+
+def test_gpu_check_cpu_smoke_checks_and_times_the_triton_path(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's code on the CPU, Triton interpreted, tiny shapes."""
+    specs = [str(ROOT / "specs" / name) for name in ("kivi-2.yaml", "qjl-lite.yaml")]
+    out, table = tmp_path / "gpu_check.json", tmp_path / "gpu_check.md"
+    report = _load_benchmark("gpu_check").main(["--cpu-smoke", "--specs", *specs, "--json", str(out), "--markdown", str(table)])
+    assert [(row["spec"], row["geometry"]) for row in report["layers"]] == [("kivi-2", "tiny"), ("qjl-lite", "tiny")]
+    for row in report["layers"]:
+        assert row["triton_vs_torch"] < 1e-4 and row["error_vs_exact"] < 1.0, row  # random data: QJL errs ~0.5
+        assert row["kvcompress_ms"] > 0 and row["sdpa_ms"] > 0 and row["bytes"] < 2 * row["fp16_bytes"]
+    assert [row["name"] for row in report["end_to_end"]] == ["baseline", "kivi-2", "qjl-lite"]
+    assert json.loads(out.read_text())["layers"] == report["layers"]
+    assert "| qjl-lite | tiny | 96 | 1 |" in table.read_text()
