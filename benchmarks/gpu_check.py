@@ -104,6 +104,8 @@ class DecodeStep:
         self.keys, self.values = randn(*kv), randn(*kv)
         self.query = randn(batch, geometry.query_heads, 1, geometry.head_dim)
         self.new = (randn(batch, geometry.kv_heads, 1, geometry.head_dim), randn(batch, geometry.kv_heads, 1, geometry.head_dim))
+        # the dense cache SDPA reads: the stored tokens and the new one
+        self.dense = (torch.cat([self.keys, self.new[0]], dim=2), torch.cat([self.values, self.new[1]], dim=2))
         self.scale = geometry.head_dim**-0.5
         # the prompt's forward: what a pruner observes (its last 32 queries, the keys as their own pre-RoPE form)
         layer = self.layer
@@ -128,9 +130,8 @@ class DecodeStep:
         return output
 
     def sdpa(self) -> torch.Tensor:
-        """The same step on a dense cache: SDPA over the stored tokens and the new one."""
-        keys = torch.cat([self.keys, self.new[0]], dim=2)
-        values = torch.cat([self.values, self.new[1]], dim=2)
+        """The same step on a dense cache."""
+        keys, values = self.dense
         return torch.nn.functional.scaled_dot_product_attention(self.query, keys, values, scale=self.scale, enable_gqa=True)
 
 
@@ -173,7 +174,7 @@ def end_to_end(model: Any, specs: list[Any], contexts: list[int], batches: list[
     rows = []
     for batch in batches:
         prompt = torch.randint(0, model.config.vocab_size, (batch, max(contexts)), generator=torch.Generator().manual_seed(0))
-        for row in e2e.benchmark(model, prompt, contexts, runners, decode=args.decode, repeats=args.repeats):
+        for row in e2e.benchmark(model, prompt, contexts, runners, decode=args.decode, repeats=args.e2e_repeats):
             rows.append({"batch": batch, **row})
     return rows
 
@@ -199,12 +200,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode", type=int, default=8, help="end-to-end tokens generated per run (default 8)")
+    parser.add_argument("--e2e-repeats", type=int, default=2, help="end-to-end rounds over all configs (default 2)")
     parser.add_argument("--cpu-smoke", action="store_true", help="the same code on the CPU, interpreted, at tiny shapes")
     parser.add_argument("--json", metavar="OUT", help="write the JSON here (default: stdout)")
     parser.add_argument("--markdown", metavar="OUT", help="write the markdown tables here")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
-        args.contexts, args.batches, args.repeats, args.decode = [96], [1], 1, 3
+        args.contexts, args.batches, args.repeats, args.decode, args.e2e_repeats = [96], [1], 1, 3, 1
     return args
 
 

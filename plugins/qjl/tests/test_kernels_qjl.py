@@ -118,3 +118,18 @@ def test_bad_shapes_are_named():
         qjl_quantize_torch(keys, sketch, index, 16, 128)
     with pytest.raises(ValueError, match="whole groups"):
         outlier_channels(keys[:, :, :40], 8, 32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("magnitude", [1e-6, 1e6])
+def test_scores_kernel_is_accurate_at_any_query_scale(magnitude, device):
+    """The fp16 parts of S q are scaled per query row: queries far outside fp16's range (S q of 1e7, or 1e-5 where
+    fp16 is subnormal) score like the fp32 reference."""
+    keys, sketch, index = case(128, 64, 8, 32, 256, 64, seed=5)
+    codes = qjl_quantize_torch(keys, sketch, index, 32, 64)
+    query = torch.randn(1, 2, 4, 128, generator=torch.Generator().manual_seed(6)) * magnitude
+    want = qjl_scores_torch(query, codes, sketch, SCALE, index, 32)
+    query_on, sketch_on, index_on = on(device, query, sketch, index)
+    got = qjl_scores_triton(query_on, QJLCodes(*on(device, *codes)), sketch_on, SCALE, index_on, 32).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
