@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -249,15 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
         from kvcompress.hf.loading import load_model
 
         model = load_model("smollm2", dtype=torch.float16)[0].to(device)
-    runnable = [spec for spec in specs if not sibling("e2e").missing_codebooks(spec)]
+    e2e = sibling("e2e")
+    runnable = [spec for spec in specs if not e2e.missing_codebooks(spec)]
     with kernels("triton"):
         report["end_to_end"] = end_to_end(model, runnable, args.contexts, args.batches, args)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    else:
-        print(text)
+    e2e.write_json(report, args.json)
     if args.markdown:
         Path(args.markdown).write_text(markdown(layers, report["end_to_end"]) + "\n")
     return report
