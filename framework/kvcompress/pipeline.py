@@ -115,15 +115,12 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     (torch._assert_async): an exact check would sync the host on every encode, stalling the decode loop. It fails
     at the next synchronization with this message, and a failed device assertion ends the process's CUDA context
     (rerun with CUDA_LAUNCH_BLOCKING=1 to see the encode that raised it). Elsewhere it raises ValueError at once."""
-    message = (
-        f"{name}: non-finite values (NaN or Inf) in the tensor to compress; the model produced them upstream of the "
-        "cache (check its dtype and inputs)"
-    )
+    what = "non-finite values (NaN or Inf) in the tensor to compress; the model produced them upstream of the cache " \
+        "(check its dtype and inputs)"
     if x.is_cuda:
-        torch._assert_async(torch.isfinite(x).all(), message)
+        torch._assert_async(torch.isfinite(x).all(), f"{name}: {what}")
     elif not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(message.replace("non-finite", f"{bad} non-finite", 1))
+        raise ValueError(f"{name}: {(~torch.isfinite(x)).sum().item()} {what}")
 
 
 class EstimatorReader(Reader):

@@ -28,6 +28,7 @@ from kvcompress.pipeline import RoleCodec, build_pruner
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.spec import parse_spec
 from kvcompress.state import PackedState, reachable_tensors
+from kvcompress_kernels.aot import ARCHS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Codebook = Callable[[LayerContext], Any] | dict | None
@@ -75,7 +76,7 @@ class KernelCompileConformance:
             pytest.skip("Triton is not installed")
         return compile_cases(list(cls.modules))
 
-    @pytest.mark.parametrize("arch", (80, 90))
+    @pytest.mark.parametrize("arch", ARCHS)
     def test_kernels_compile_ahead_of_time(self, reports: list[dict], arch: int) -> None:
         from kvcompress_kernels.aot import problems
 
