@@ -76,7 +76,9 @@ def test_gpu_check_cpu_smoke_checks_and_times_the_triton_path(tmp_path):
     """benchmarks/gpu_check.py --cpu-smoke: the GPU check's code on the CPU, Triton interpreted, tiny shapes."""
     specs = [str(ROOT / "specs" / name) for name in ("kivi-2.yaml", "qjl-lite.yaml")]
     out, table = tmp_path / "gpu_check.json", tmp_path / "gpu_check.md"
-    report = _load_benchmark("gpu_check").main(["--cpu-smoke", "--specs", *specs, "--json", str(out), "--markdown", str(table)])
+    gpu_check = _load_benchmark("gpu_check")
+    report = gpu_check.main(["--cpu-smoke", "--specs", *specs, "--json", str(out), "--markdown", str(table)])
+    assert gpu_check.failures(report) == []
     assert [(row["spec"], row["geometry"]) for row in report["layers"]] == [("kivi-2", "tiny"), ("qjl-lite", "tiny")]
     for row in report["layers"]:
         assert row["triton_vs_torch"] < 1e-4 and row["error_vs_exact"] < 1.0, row  # random data: QJL errs ~0.5
@@ -84,3 +86,18 @@ def test_gpu_check_cpu_smoke_checks_and_times_the_triton_path(tmp_path):
     assert [row["name"] for row in report["end_to_end"]] == ["baseline", "kivi-2", "qjl-lite"]
     assert json.loads(out.read_text())["layers"] == report["layers"]
     assert "| qjl-lite | tiny | 96 | 1 |" in table.read_text()
+
+
+def test_gpu_check_fails_on_kernel_tests_errors_and_paths_that_differ():
+    gpu_check = _load_benchmark("gpu_check")
+    where = {"spec": "qjl", "geometry": "llama-3-8b", "context": 4096, "batch": 8}
+    report = {
+        "kernel_tests": {"returncode": 1, "summary": "1 failed, 40 passed"},
+        "layers": [{**where, "triton_vs_torch": 0.2}, {**where, "error": "OutOfResources: shared memory"},
+                   {**where, "skipped": "CodebookError: head_dim"}, {**where, "triton_vs_torch": 1e-6}],
+    }
+    assert gpu_check.failures(report) == [
+        "kernel tests failed: 1 failed, 40 passed (run pytest -m triton to see them)",
+        "qjl on a llama-3-8b layer, 4096 tokens, batch 8: the Triton and torch paths differ by 2.0e-01 (relative)",
+        "qjl on a llama-3-8b layer, 4096 tokens, batch 8: OutOfResources: shared memory",
+    ]
