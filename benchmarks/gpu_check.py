@@ -11,8 +11,9 @@ On a machine with a CUDA GPU (`make gpu-check`):
    cache of the same shape, interleaved (benchmarks/codecs.py);
 3. end-to-end decode of SmolLM2 in float16 against its DynamicCache with SDPA (benchmarks/e2e.py).
 
---cpu-smoke runs the same code on the CPU under TRITON_INTERPRET=1 at tiny shapes, on a tiny random model and
-without pytest: what `make test` runs to keep this script working where no GPU is.
+--smoke runs the same code at tiny shapes, on a tiny random model and without pytest, where the kernel tests run
+(kvcompress.testing.kernel_devices): on the CPU under TRITON_INTERPRET=1 without a GPU, compiled on CUDA with one.
+`make test` runs it, to keep this script working where no GPU is.
 
     python benchmarks/gpu_check.py [--specs specs/kivi-2.yaml ...] [--contexts 4096 16384 65536 131072]
         [--batches 1 8] [--json benchmarks/results/gpu_check.json] [--markdown benchmarks/results/gpu_check.md]
@@ -218,11 +219,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode", type=int, default=8, help="end-to-end tokens generated per run (default 8)")
     parser.add_argument("--e2e-repeats", type=int, default=2, help="end-to-end rounds over all configs (default 2)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="the same code on the CPU, interpreted, at tiny shapes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes: on the CPU, interpreted, without a GPU; compiled on CUDA with one")
     parser.add_argument("--json", metavar="OUT", help="write the JSON here (default: stdout)")
     parser.add_argument("--markdown", metavar="OUT", help="write the markdown tables here")
     args = parser.parse_args(argv)
-    if args.cpu_smoke:
+    if args.smoke:
         args.contexts, args.batches, args.repeats, args.decode, args.e2e_repeats = [96], [1], 1, 3, 1
     return args
 
@@ -230,20 +232,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kvcompress import KVCompressError, load_spec
-    from kvcompress.testing import interpret_triton_without_gpu
+    from kvcompress.testing import interpret_triton_without_gpu, kernel_devices
 
-    if args.cpu_smoke:
-        interpret_triton_without_gpu()
-        device, geometries = torch.device("cpu"), (SMOKE_GEOMETRY,)
+    interpret_triton_without_gpu()  # before any kernel module is imported; nothing where a GPU answers
+    devices = kernel_devices()
+    if args.smoke and devices:
+        device, geometries = devices[0], (SMOKE_GEOMETRY,)
     elif torch.cuda.is_available():
         device, geometries = torch.device("cuda"), GEOMETRIES
     else:
-        raise SystemExit("gpu_check needs a CUDA GPU; --cpu-smoke runs its code on the CPU at tiny shapes")
+        raise SystemExit("gpu_check needs a CUDA GPU (and Triton); --smoke runs its code on the CPU at tiny shapes")
     paths = [Path(p) for p in args.specs] if args.specs else sorted((ROOT / "specs").glob("*.yaml"))
     specs = [load_spec(path) for path in paths]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
                               "torch": torch.__version__}
-    if not args.cpu_smoke:
+    if not args.smoke:
         report["kernel_tests"] = run_kernel_tests()
     layers = []
     for spec in specs:
@@ -260,10 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     report["layers"] = layers
-    if args.cpu_smoke:
+    if args.smoke:
         from kvcompress.testing import tiny_model
 
-        model = tiny_model("llama", head_dim=64)
+        model = tiny_model("llama", head_dim=64).to(device)
     else:
         from kvcompress.hf.loading import load_model
 
