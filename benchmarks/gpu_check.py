@@ -103,12 +103,12 @@ class DecodeStep:
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
-        kv = (batch, geometry.kv_heads, context, geometry.head_dim)
-        self.keys, self.values = randn(*kv), randn(*kv)
+        # the dense cache SDPA reads: the stored tokens, then the new one (views of it, not copies: GPU memory)
+        kv = (batch, geometry.kv_heads, context + 1, geometry.head_dim)
+        self.dense = (randn(*kv), randn(*kv))
+        self.keys, self.values = (x[:, :, :context] for x in self.dense)
+        self.new = tuple(x[:, :, context:] for x in self.dense)
         self.query = randn(batch, geometry.query_heads, 1, geometry.head_dim)
-        self.new = (randn(batch, geometry.kv_heads, 1, geometry.head_dim), randn(batch, geometry.kv_heads, 1, geometry.head_dim))
-        # the dense cache SDPA reads: the stored tokens and the new one
-        self.dense = (torch.cat([self.keys, self.new[0]], dim=2), torch.cat([self.values, self.new[1]], dim=2))
         self.scale = geometry.head_dim**-0.5
         # the prompt's forward: what a pruner observes (its last 32 queries, the keys as their own pre-RoPE form)
         layer = self.layer
