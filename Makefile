@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test bench bench-e2e clean
+.PHONY: install demo test bench bench-e2e gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ bench: install $(CODEBOOKS)
 # End-to-end prefill and decode on the default model at 4096 and 8000 tokens, every spec: long (tens of minutes on a CPU).
 bench-e2e: install $(CODEBOOKS)
 	$(PY) benchmarks/e2e.py --json benchmarks/results/e2e.json --markdown
+
+# On a machine with a CUDA GPU: the kernel tests compiled on CUDA, every Triton path against the torch path, decode
+# per layer and end to end against SDPA on a float16 cache (4k to 128k tokens, batch 1 and 8), as JSON and markdown.
+gpu-check: install $(CODEBOOKS)
+	$(PY) benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json --markdown benchmarks/results/gpu_check.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

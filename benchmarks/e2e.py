@@ -191,6 +191,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_json(report: dict[str, Any], path: str | None) -> None:
+    """The report as indented JSON in `path` (its folder made), or on stdout without one."""
+    text = json.dumps(report, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    else:
+        print(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--specs", nargs="+", metavar="SPEC", help="spec files (default: every specs/*.yaml)")
@@ -245,12 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         long_decode=args.long_decode, long_window=args.long_window, long_lengths=args.long_lengths,
         long_names=args.long_specs, log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    text = json.dumps({"header": header, "skipped": skipped, "results": rows}, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    else:
-        print(text)
+    write_json({"header": header, "skipped": skipped, "results": rows}, args.json)
     if args.markdown:
         print(markdown(rows))
     return 0

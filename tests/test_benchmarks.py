@@ -1,10 +1,11 @@
 """The benchmarks run: benchmarks/codecs.py on every shipped spec whose constants are at hand, benchmarks/e2e.py on a
-tiny random model (tiny contexts: no timing claims)."""
+tiny random model, benchmarks/gpu_check.py at tiny shapes (tiny contexts: no timing claims)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,35 @@ def test_e2e_benchmark_reports_every_config_of_every_length_against_the_baseline
     assert long[BASELINE]["kth_ratio"] == 1.0 and long["kivi-2"]["kth_tokens"] == [8, 11]
     assert all(w[key] > 0 for w in long.values() for key in ("first_ms", "kth_ms", "first_ratio", "kth_ratio"))
     assert "| 72 | kivi-2 |" in e2e.markdown(rows)
+
+
+def test_gpu_check_smoke_checks_and_times_the_triton_path(tmp_path):
+    """benchmarks/gpu_check.py --smoke: the GPU check's code at tiny shapes (on the CPU, Triton interpreted, without
+    a GPU; compiled on CUDA with one)."""
+    specs = [str(ROOT / "specs" / name) for name in ("kivi-2.yaml", "qjl-lite.yaml")]
+    out, table = tmp_path / "gpu_check.json", tmp_path / "gpu_check.md"
+    gpu_check = _load_benchmark("gpu_check")
+    report = gpu_check.main(["--smoke", "--specs", *specs, "--json", str(out), "--markdown", str(table)])
+    assert gpu_check.failures(report) == []
+    assert [(row["spec"], row["geometry"]) for row in report["layers"]] == [("kivi-2", "tiny"), ("qjl-lite", "tiny")]
+    for row in report["layers"]:
+        assert row["error_vs_exact"] < 1.0, row  # random data: QJL errs ~0.5
+        assert row["kvcompress_ms"] > 0 and row["sdpa_ms"] > 0 and row["bytes"] < 2 * row["fp16_bytes"]
+    assert [row["name"] for row in report["end_to_end"]] == ["baseline", "kivi-2", "qjl-lite"]
+    assert json.loads(out.read_text())["layers"] == report["layers"]
+    assert "| qjl-lite | tiny | 96 | 1 |" in table.read_text()
+
+
+def test_gpu_check_fails_on_kernel_tests_errors_and_paths_that_differ():
+    gpu_check = _load_benchmark("gpu_check")
+    where = {"spec": "qjl", "geometry": "llama-3-8b", "context": 4096, "batch": 8}
+    report = {
+        "kernel_tests": {"returncode": 1, "summary": "1 failed, 40 passed"},
+        "layers": [{**where, "triton_vs_torch": 0.2}, {**where, "error": "OutOfResources: shared memory"},
+                   {**where, "skipped": "CodebookError: head_dim"}, {**where, "triton_vs_torch": 1e-6}],
+    }
+    assert gpu_check.failures(report) == [
+        "kernel tests failed: 1 failed, 40 passed (run pytest -m triton to see them)",
+        "qjl on a llama-3-8b layer, 4096 tokens, batch 8: the Triton and torch paths differ by 2.0e-01 (relative)",
+        "qjl on a llama-3-8b layer, 4096 tokens, batch 8: OutOfResources: shared memory",
+    ]

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvcompress.testing import kernel_devices
 from kvcompress_kernels.bitpack import (
     code_dtype,
     pack_bits,
@@ -59,12 +60,13 @@ def test_dispatcher_uses_the_reference_on_cpu():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("bits", list(range(1, 9)) + [11, 16])
 @pytest.mark.parametrize("n", [1, 7, 64, 101])
-def test_triton_kernel_equals_reference(bits, n):
+def test_triton_kernel_equals_reference(bits, n, device):
     from kvcompress_kernels.bitpack import pack_bits_triton, unpack_bits_triton
 
     original = codes((2, 3, n), bits, bits * 1000 + n)
     packed = pack_bits_torch(original, bits)
-    assert torch.equal(pack_bits_triton(original, bits), packed)
-    assert torch.equal(unpack_bits_triton(packed, bits, n), unpack_bits_torch(packed, bits, n))
+    assert torch.equal(pack_bits_triton(original.to(device), bits).cpu(), packed)
+    assert torch.equal(unpack_bits_triton(packed.to(device), bits, n).cpu(), unpack_bits_torch(packed, bits, n))

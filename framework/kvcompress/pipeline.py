@@ -47,12 +47,7 @@ class RoleCodec:
         """Pack x [batch, kv_heads, tokens, head_dim]. shared: the per-sequence tensors of the state these tokens
         will be appended to, whose channel selection a pruner keeps; without them the pruner selects from x and
         `observation`."""
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).sum().item()
-            raise ValueError(
-                f"{self.name}: {bad} non-finite values (NaN or Inf) in the tensor to compress; "
-                "the model produced them upstream of the cache (check its dtype and inputs)"
-            )
+        _check_finite(x, self.name)
         if x.shape[2] % self.token_block:
             raise ValueError(f"{self.name}: encode needs a multiple of {self.token_block} tokens, got {x.shape[2]}")
         channels = None
@@ -120,6 +115,19 @@ class RoleCodec:
         if self.transform is not None:
             found.update({f"transform.{k}": v for k, v in self.transform.constants().items()})
         return found
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """Refuse NaN or Inf in a tensor to compress. On CUDA the check is a device-side assertion
+    (torch._assert_async): an exact check would sync the host on every encode, stalling the decode loop. It fails
+    at the next synchronization with this message, and a failed device assertion ends the process's CUDA context
+    (rerun with CUDA_LAUNCH_BLOCKING=1 to see the encode that raised it). Elsewhere it raises ValueError at once."""
+    what = "non-finite values (NaN or Inf) in the tensor to compress; the model produced them upstream of the cache " \
+        "(check its dtype and inputs)"
+    if x.is_cuda:
+        torch._assert_async(torch.isfinite(x).all(), f"{name}: {what}")
+    elif not torch.isfinite(x).all():
+        raise ValueError(f"{name}: {(~torch.isfinite(x)).sum().item()} {what}")
 
 
 class EstimatorReader(Reader):

@@ -28,6 +28,7 @@ from kvcompress.pipeline import RoleCodec, build_pruner
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.spec import parse_spec
 from kvcompress.state import PackedState, reachable_tensors
+from kvcompress_kernels.aot import ARCHS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Codebook = Callable[[LayerContext], Any] | dict | None
@@ -41,6 +42,48 @@ def interpret_triton_without_gpu() -> None:
 
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def kernel_devices() -> list[torch.device]:
+    """Where kernel tests run the Triton kernels: on CUDA (compiled) where a GPU answers, else on the CPU under
+    TRITON_INTERPRET=1 (see interpret_triton_without_gpu); none without Triton. Parametrize kernel tests over it
+    and hand the kernels tensors on that device."""
+    import os
+
+    from kvcompress_kernels.dispatch import HAS_TRITON
+
+    if not HAS_TRITON:
+        return []
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [torch.device("cpu")]
+    return [torch.device("cuda")] if torch.cuda.is_available() else []
+
+
+class KernelCompileConformance:
+    """Every compile case (`aot_cases()`) of `modules` compiles ahead of time for sm_80 and sm_90, on any machine,
+    within each architecture's shared memory and without register spills its case does not accept
+    (kvcompress_kernels.aot). Subclass in a package's tests with the package's kernel modules."""
+
+    modules: tuple[str, ...] = ()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def reports(cls) -> list[dict]:
+        from kvcompress_kernels.aot import compile_cases
+        from kvcompress_kernels.dispatch import HAS_TRITON
+
+        if not HAS_TRITON:
+            pytest.skip("Triton is not installed")
+        return compile_cases(list(cls.modules))
+
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_kernels_compile_ahead_of_time(self, reports: list[dict], arch: int) -> None:
+        from kvcompress_kernels.aot import problems
+
+        compiled = [report for report in reports if report["arch"] == arch]
+        assert compiled, f"no kernel of {self.modules} compiled for sm_{arch}"
+        found = [problem for report in compiled for problem in problems(report)]
+        assert not found, "\n".join(found)
 
 
 def make_codec(

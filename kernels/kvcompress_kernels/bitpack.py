@@ -79,7 +79,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _pack_kernel(codes_ptr, out_ptr, n, nbytes, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows x n passes 2**31 codes on a whole cache
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = offs < nbytes
         acc = tl.zeros([BLOCK], dtype=tl.int32)
@@ -106,7 +106,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _unpack_kernel(packed_ptr, out_ptr, n, nbytes, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
         codes = unpack_codes(packed_ptr + row * nbytes, offs, nbytes, live, BITS)
@@ -138,3 +138,17 @@ def unpack_bits_triton(packed: torch.Tensor, bits: int, n: int, block: int = 128
     if flat.numel():
         _unpack_kernel[(flat.shape[0], triton.cdiv(n, block))](flat, out, n, nbytes, BITS=bits, BLOCK=block)
     return out.reshape(*packed.shape[:-1], n)
+
+
+def aot_cases() -> list:
+    """Compile cases (kvcompress_kernels.aot): both kernels at every code width the methods pack (1 to 8 bits) and
+    the widest (16, int32 codes)."""
+    from kvcompress_kernels.aot import AOTCase
+
+    cases = []
+    for bits in [*range(1, 9), MAX_BITS]:
+        codes = torch.zeros(4, 128, dtype=code_dtype(bits))
+        packed = torch.zeros(4, packed_length(128, bits), dtype=torch.uint8)
+        cases.append(AOTCase(f"pack {bits} bits", lambda codes=codes, bits=bits: pack_bits_triton(codes, bits)))
+        cases.append(AOTCase(f"unpack {bits} bits", lambda packed=packed, bits=bits: unpack_bits_triton(packed, bits, 128)))
+    return cases

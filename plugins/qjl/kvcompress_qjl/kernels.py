@@ -206,36 +206,29 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _sign_bytes(x, sketch_ptr, rows, offs_d, d, BT: tl.constexpr, BYTES: tl.constexpr):
-        """Packed sign bits of x [BT, BD] @ sketch[:rows].T: [BT, BYTES] int32, bit j of byte b = row 8b + j."""
-        offs_b = tl.arange(0, BYTES)
-        packed = tl.zeros([BT, BYTES], dtype=tl.int32)
-        for j in tl.static_range(8):
-            row = offs_b * 8 + j
-            # sketch rows j, j+8, ... transposed to [BD, BYTES]: one bit plane per dot
-            plane = tl.load(
+    def _store_sketch(
+        x, sketch_ptr, rows, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT: tl.constexpr, BR: tl.constexpr,
+    ):
+        """Store the packed signs of x [BT, BD] @ sketch[:rows].T (bit j of byte b = row 8b + j) and the fp16 norms
+        of x's token rows. The sketch is read BR rows at a time, one dot each: what is staged stays small whatever
+        the sketch size. fp32 dots: a sign must match the reference's fp32 projection, and neither operand is
+        exact in fp16 (encoding is off the decode hot path)."""
+        nbytes = rows // 8
+        offs_r = tl.arange(0, BR)
+        offs_b = tl.arange(0, BR // 8)
+        weights = 1 << tl.arange(0, 8)
+        out = signs_ptr + (bh * t + offs_t[:, None]) * nbytes
+        for start in range(0, rows, BR):
+            row = start + offs_r
+            chunk_t = tl.load(
                 sketch_ptr + row[None, :] * d + offs_d[:, None],
                 mask=(row[None, :] < rows) & (offs_d[:, None] < d),
                 other=0.0,
             )
-            projection = tl.dot(x, plane, input_precision="ieee")
-            packed |= (projection > 0).to(tl.int32) << j
-        return packed
-
-    @triton.jit
-    def _store_sketch(
-        x, sketch_ptr, rows, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d,
-        BT: tl.constexpr, BYTES: tl.constexpr,
-    ):
-        """Store the packed signs of x @ sketch[:rows].T and the fp16 norms of x's token rows."""
-        nbytes = rows // 8
-        offs_b = tl.arange(0, BYTES)
-        packed = _sign_bytes(x, sketch_ptr, rows, offs_d, d, BT, BYTES)
-        tl.store(
-            signs_ptr + (bh * t + offs_t[:, None]) * nbytes + offs_b[None, :],
-            packed.to(tl.uint8),
-            mask=live_t[:, None] & (offs_b[None, :] < nbytes),
-        )
+            positive = (tl.dot(x, chunk_t, input_precision="ieee") > 0).to(tl.int32)
+            packed = tl.sum(tl.reshape(positive, [BT, BR // 8, 8]) * weights[None, None, :], axis=2)
+            byte = start // 8 + offs_b
+            tl.store(out + byte[None, :], packed.to(tl.uint8), mask=live_t[:, None] & (byte[None, :] < nbytes))
         tl.store(norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=live_t)
 
     @triton.jit
@@ -243,10 +236,9 @@ if HAS_TRITON:
         keys_ptr, outlier_index_ptr, sketch_ptr,
         signs_ptr, norm_ptr, outlier_signs_ptr, outlier_norm_ptr,
         t, d, m, m_out, groups, group, outliers,
-        BT: tl.constexpr, BD: tl.constexpr, BYTES: tl.constexpr, BYTES_OUT: tl.constexpr,
-        HAS_OUTLIERS: tl.constexpr,
+        BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x heads x tokens x head_dim passes 2**31
         offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
         offs_d = tl.arange(0, BD)
         live_t = offs_t < t
@@ -265,79 +257,85 @@ if HAS_TRITON:
             x_out = tl.where(is_outlier, x, 0.0)
             x = tl.where(is_outlier, 0.0, x)
             _store_sketch(
-                x_out, sketch_ptr, m_out, outlier_signs_ptr, outlier_norm_ptr, bh, t, offs_t, live_t, offs_d, d,
-                BT, BYTES_OUT,
+                x_out, sketch_ptr, m_out, outlier_signs_ptr, outlier_norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT, BR,
             )
-        _store_sketch(x, sketch_ptr, m, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT, BYTES)
+        _store_sketch(x, sketch_ptr, m, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT, BR)
 
     @triton.jit
-    def _unpacked_signs(packed_ptr, offs_t, live_t, rows, BR: tl.constexpr):
-        """+1/-1 float [BT, BR] for the packed sign rows of tokens offs_t (0 outside the live range)."""
-        offs_r = tl.arange(0, BR)
+    def _unpacked_signs(packed_ptr, offs_t, live_t, first, rows, BR: tl.constexpr):
+        """+1/-1 fp16 [BT, BR] of sketch rows first..first+BR of tokens offs_t (0 outside the live range): exact
+        in fp16, so they feed tensor-core dots."""
+        offs_r = first + tl.arange(0, BR)
         live = live_t[:, None] & (offs_r[None, :] < rows)
         byte = tl.load(packed_ptr + offs_t[:, None] * (rows // 8) + offs_r[None, :] // 8, mask=live, other=0)
         bit = (byte.to(tl.int32) >> (offs_r[None, :] % 8)) & 1
-        return tl.where(live, bit.to(tl.float32) * 2.0 - 1.0, 0.0)
+        return tl.where(live, bit.to(tl.float16) * 2.0 - 1.0, 0.0).to(tl.float16)
+
+    @triton.jit
+    def _signed_sum(acc, x, signs):
+        """acc + x @ signs.T on tensor cores at fp32 accuracy: x (fp32, scaled below 2**14 so fp16 cannot overflow)
+        is split into fp16 hi + lo parts; products with the +1/-1 signs are exact, accumulation is fp32."""
+        hi = x.to(tl.float16)
+        lo = (x - hi.to(tl.float32)).to(tl.float16)
+        acc = tl.dot(lo, tl.trans(signs), acc)
+        return tl.dot(hi, tl.trans(signs), acc)
 
     @triton.jit
     def _qjl_scores_kernel(
-        query_ptr, signs_ptr, norm_ptr, outlier_index_ptr, outlier_signs_ptr, outlier_norm_ptr, sketch_ptr,
-        out_ptr,
+        query_ptr, sq_ptr, row_scale_ptr, signs_ptr, norm_ptr, outlier_index_ptr, outlier_signs_ptr,
+        outlier_norm_ptr, sketch_ptr, out_ptr,
         n, t, d, m, m_out, groups, group, outliers, groups_per_program, scale_in, scale_out,
-        BN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BM_OUT: tl.constexpr,
-        BO: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+        BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
     ):
-        bh = tl.program_id(0)
-        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        offs_d = tl.arange(0, BD)
-        offs_m = tl.arange(0, BM)
+        # 64-bit offsets: batch x heads x queries x tokens passes 2**31 at long contexts
+        bh = tl.program_id(0).to(tl.int64)
+        offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
         live_n = offs_n < n
-        q_rows = query_ptr + bh * n * d + offs_n[:, None] * d
-        q = tl.load(q_rows + offs_d[None, :], mask=live_n[:, None] & (offs_d[None, :] < d), other=0.0).to(tl.float32)
-        sketch_t = tl.load(
-            sketch_ptr + offs_m[None, :] * d + offs_d[:, None],
-            mask=(offs_m[None, :] < m) & (offs_d[:, None] < d),
-            other=0.0,
-        )
-        # S q once per query block, reused by every token group of this program
-        sq = tl.dot(q, sketch_t, input_precision="ieee")  # [BN, BM]
+        # S q (computed by the launcher) in fp16-safe units: every S q, S q_in, S q_out of a row is below 2**14
+        row_scale = tl.load(row_scale_ptr + bh * n + offs_n, mask=live_n, other=1.0)
+        q_rows = query_ptr + (bh * n + offs_n[:, None]) * d
+        sq_rows = sq_ptr + (bh * n + offs_n[:, None]) * m
         first = tl.program_id(2) * groups_per_program
         for g in range(first, first + groups_per_program):
             offs_t = g * group + tl.arange(0, BT)
             live_t = (tl.arange(0, BT) < group) & (offs_t < t)  # offs_t < t also rules out g >= groups
-            signs = _unpacked_signs(signs_ptr + bh * t * (m // 8), offs_t, live_t, m, BM)
             norm = tl.load(norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
+            inner = tl.zeros([BN, BT], dtype=tl.float32)
+            inner_out = tl.zeros([BN, BT], dtype=tl.float32)
             if HAS_OUTLIERS:
-                # S q_out from the group's outlier columns only: [BN, BO] x [BO, BM]
                 offs_o = tl.arange(0, BO)
                 live_o = (offs_o < outliers) & (tl.full([BO], g, tl.int32) < groups)
                 channel = tl.load(outlier_index_ptr + (bh * groups + g) * outliers + offs_o, mask=live_o, other=0)
                 channel = channel.to(tl.int32)
                 q_out = tl.load(q_rows + channel[None, :], mask=live_n[:, None] & live_o[None, :], other=0.0)
-                q_out = q_out.to(tl.float32)
-                sketch_cols = tl.load(
-                    sketch_ptr + offs_m[None, :] * d + channel[:, None],
-                    mask=live_o[:, None] & (offs_m[None, :] < m),
-                    other=0.0,
-                )
-                sq_in = sq - tl.dot(q_out, sketch_cols, input_precision="ieee")
-                offs_mo = tl.arange(0, BM_OUT)
-                sketch_cols_out = tl.load(
-                    sketch_ptr + offs_mo[None, :] * d + channel[:, None],
-                    mask=live_o[:, None] & (offs_mo[None, :] < m_out),
-                    other=0.0,
-                )
-                sq_out = tl.dot(q_out, sketch_cols_out, input_precision="ieee")  # [BN, BM_OUT]
-                signs_out = _unpacked_signs(outlier_signs_ptr + bh * t * (m_out // 8), offs_t, live_t, m_out, BM_OUT)
+                q_out = q_out.to(tl.float32) * row_scale[:, None]
+            # the sketch rows BM at a time: what is staged per step stays small whatever the sketch size
+            for start in range(0, m, BM):
+                offs_m = start + tl.arange(0, BM)
+                sq = tl.load(sq_rows + offs_m[None, :], mask=live_n[:, None] & (offs_m[None, :] < m), other=0.0)
+                sq = sq * row_scale[:, None]
+                if HAS_OUTLIERS:
+                    # S q_out from the group's outlier columns only: [BN, BO] x [BO, BM]; S q_in = S q - S q_out,
+                    # and the outlier sketch S' is the first m' rows of S, so S' q_out is the same product
+                    columns = tl.load(
+                        sketch_ptr + offs_m[None, :] * d + channel[:, None],
+                        mask=live_o[:, None] & (offs_m[None, :] < m),
+                        other=0.0,
+                    )
+                    sq_out = tl.dot(q_out, columns, input_precision="ieee")
+                    sq = sq - sq_out
+                    if start < m_out:
+                        signs_out = _unpacked_signs(outlier_signs_ptr + bh * t * (m_out // 8), offs_t, live_t, start, m_out, BM)
+                        inner_out = _signed_sum(inner_out, sq_out, signs_out)
+                signs = _unpacked_signs(signs_ptr + bh * t * (m // 8), offs_t, live_t, start, m, BM)
+                inner = _signed_sum(inner, sq, signs)
+            scores = scale_in * inner * norm[None, :]
+            if HAS_OUTLIERS:
                 norm_out = tl.load(outlier_norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
-                inner_out = tl.dot(sq_out, tl.trans(signs_out), input_precision="ieee")
-                scores = scale_in * tl.dot(sq_in, tl.trans(signs), input_precision="ieee") * norm[None, :]
                 scores += scale_out * inner_out * norm_out[None, :]
-            else:
-                scores = scale_in * tl.dot(sq, tl.trans(signs), input_precision="ieee") * norm[None, :]
             tl.store(
-                out_ptr + bh * n * t + offs_n[:, None] * t + offs_t[None, :],
-                scores,
+                out_ptr + (bh * n + offs_n[:, None]) * t + offs_t[None, :],
+                scores / row_scale[:, None],
                 mask=live_n[:, None] & live_t[None, :],
             )
 
@@ -349,6 +347,7 @@ def qjl_quantize_triton(
     group: int = 1,
     outlier_sketch_dim: int = 0,
     block_tokens: int = 16,
+    block_rows: int = 32,
 ) -> QJLCodes:
     """Triton version of qjl_quantize_torch (same packed bits; norms equal to fp16 rounding)."""
     _check_quantize(keys, sketch, outlier_index, group, outlier_sketch_dim)
@@ -371,8 +370,7 @@ def qjl_quantize_triton(
             signs, norm, outlier_signs, outlier_norm,
             t, d, m, m_out, outlier_index.shape[2] if has_outliers else 1, group,
             outlier_index.shape[3] if has_outliers else 0,
-            BT=block_tokens, BD=block_size(d), BYTES=block_size(m // 8), BYTES_OUT=block_size(m_out // 8),
-            HAS_OUTLIERS=has_outliers,
+            BT=block_tokens, BD=block_size(d), BR=block_rows, HAS_OUTLIERS=has_outliers,
         )
     if not has_outliers:
         return QJLCodes(signs, norm, None, None)
@@ -389,13 +387,16 @@ def qjl_scores_triton(
     block_queries: int = 16,
     chunk: int = 32,
     groups_per_program: int = 4,
+    block_rows: int = 64,
 ) -> torch.Tensor:
     """Triton version of qjl_scores_torch: float32 [b, h, n, t].
 
-    Each program sketches a block of queries once and scores `groups_per_program` token groups against it
-    (a group is the outlier group; without outliers, `chunk` tokens).
+    S q is one matmul here, as in the reference; each program scores `groups_per_program` token groups (a group
+    is the outlier group; without outliers, `chunk` tokens) for a block of queries, `block_rows` sketch rows at a
+    time.
     """
     b, h, n, d = query.shape
+    sketch = sketch.float().contiguous()
     m = sketch.shape[0]
     t = codes.signs.shape[2]
     has_outliers = outlier_index is not None
@@ -405,17 +406,42 @@ def qjl_scores_triton(
     outliers = outlier_index.shape[3] if has_outliers else 0
     out = torch.empty(b, h, n, t, dtype=torch.float32, device=query.device)
     if b * h * n * t:
+        q = query.float().contiguous()
+        sq = q @ sketch.T
+        # |<s, q>| <= |s| |q| bounds S q, S q_in and S q_out of a row: a power of two brings that bound below
+        # 2**14, where fp16 parts stay finite (exact scaling; the kernel divides it out)
+        bound = q.norm(dim=-1) * sketch.norm(dim=-1).max()
+        row_scale = torch.ldexp(torch.ones_like(bound), (14 - torch.frexp(bound).exponent).clamp(-126, 126))
         blank = codes.signs
         grid = (b * h, triton.cdiv(n, block_queries), triton.cdiv(groups, groups_per_program))
         _qjl_scores_kernel[grid](
-            query.contiguous(), codes.signs.contiguous(), codes.norm.contiguous(),
+            q, sq, row_scale, codes.signs.contiguous(), codes.norm.contiguous(),
             outlier_index.contiguous() if has_outliers else blank,
             codes.outlier_signs.contiguous() if has_outliers else blank,
             codes.outlier_norm.contiguous() if has_outliers else codes.norm,
-            sketch.float().contiguous(), out,
+            sketch, out,
             n, t, d, m, m_out, groups, tokens, outliers, groups_per_program,
             scale / m, scale / m_out,
-            BN=block_queries, BT=block_size(tokens), BD=block_size(d), BM=block_size(m), BM_OUT=block_size(m_out),
-            BO=block_size(outliers), HAS_OUTLIERS=has_outliers,
+            BN=block_queries, BT=block_size(tokens), BM=block_rows, BO=block_size(outliers), HAS_OUTLIERS=has_outliers,
         )
     return out
+
+
+def aot_cases() -> list:
+    """Compile cases (kvcompress_kernels.aot): both kernels for fp16 keys at head_dim 64, 128 and 256 with the
+    shipped specs' sketches: qjl (2 x head_dim rows, 8 outliers sketched by as many), its layers 0-1 (256 rows,
+    64 for the outliers) and qjl-lite (2 x head_dim rows, 4 outliers sketched by 64)."""
+    from kvcompress_kernels.aot import AOTCase
+
+    cases = []
+    for d in (64, 128, 256):
+        for m, outliers, m_out in ((2 * d, 8, 2 * d), (256, 8, 64), (2 * d, 4, 64)):
+            keys = torch.zeros(1, 1, 32, d, dtype=torch.float16)
+            sketch = torch.zeros(m, d)
+            index = torch.zeros(1, 1, 1, outliers, dtype=torch.uint8)
+            codes = qjl_quantize_torch(keys, sketch, index, 32, m_out)
+            query = torch.zeros(1, 1, 4, d, dtype=torch.float16)
+            label = f"d={d} m={m} outliers={outliers} m'={m_out}"
+            cases.append(AOTCase(f"quantize {label}", lambda a=(keys, sketch, index, 32, m_out): qjl_quantize_triton(*a)))
+            cases.append(AOTCase(f"scores {label}", lambda a=(query, codes, sketch, 1.0, index, 32): qjl_scores_triton(*a)))
+    return cases

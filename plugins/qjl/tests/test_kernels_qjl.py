@@ -1,11 +1,14 @@
-"""The QJL Triton kernels against their torch references (under TRITON_INTERPRET=1 without a GPU)."""
+"""The QJL Triton kernels against their torch references on the CPU: compiled on CUDA where a GPU answers, under
+TRITON_INTERPRET=1 on CPU tensors elsewhere (kvcompress.testing.kernel_devices)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvcompress.testing import kernel_devices
 from kvcompress_qjl.kernels import (
+    QJLCodes,
     outlier_channels,
     qjl_quantize,
     qjl_quantize_torch,
@@ -45,12 +48,17 @@ CASES = [
 ]
 
 
+def on(device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if x is None else x.to(device) for x in tensors]
+
+
 @pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("d, t, outliers, group, m, m_out", CASES)
-def test_quantize_kernel_matches_torch(d, t, outliers, group, m, m_out):
+def test_quantize_kernel_matches_torch(d, t, outliers, group, m, m_out, device):
     keys, sketch, index = case(d, t, outliers, group, m, m_out)
     want = qjl_quantize_torch(keys, sketch, index, group, m_out)
-    got = qjl_quantize_triton(keys, sketch, index, group, m_out)
+    got = QJLCodes(*on(torch.device("cpu"), *qjl_quantize_triton(*on(device, keys, sketch, index), group, m_out)))
     inlier = keys if index is None else keys.masked_fill(
         torch.zeros(1, 2, t // group, d, dtype=torch.bool).scatter_(-1, index.long(), True).repeat_interleave(group, 2), 0
     )
@@ -64,26 +72,32 @@ def test_quantize_kernel_matches_torch(d, t, outliers, group, m, m_out):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("d, t, outliers, group, m, m_out", CASES)
-def test_scores_kernel_matches_torch_with_gqa(d, t, outliers, group, m, m_out):
+def test_scores_kernel_matches_torch_with_gqa(d, t, outliers, group, m, m_out, device):
     keys, sketch, index = case(d, t, outliers, group, m, m_out)
     codes = qjl_quantize_torch(keys, sketch, index, group, m_out)
     # 2 query heads per KV head x 3 query tokens, grouped by KV head: n = 6 rows per KV head
     query = torch.randn(1, 2, 6, d, generator=torch.Generator().manual_seed(9))
     want = qjl_scores_torch(query, codes, sketch, SCALE, index, group)
-    got = qjl_scores_triton(query, codes, sketch, SCALE, index, group)
+    query_on, sketch_on, index_on = on(device, query, sketch, index)
+    got = qjl_scores_triton(query_on, QJLCodes(*on(device, *codes)), sketch_on, SCALE, index_on, group).cpu()
     assert got.shape == (1, 2, 6, t)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 @pytest.mark.triton
-def test_scores_kernel_query_and_group_blocks():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_scores_kernel_query_and_group_blocks(device):
     """More queries than one block and more groups than one program: every tile lands in place."""
     keys, sketch, index = case(64, 96, 4, 8, 128, 64, seed=2)
     codes = qjl_quantize_torch(keys, sketch, index, 8, 64)
     query = torch.randn(1, 2, 19, 64, generator=torch.Generator().manual_seed(4))
     want = qjl_scores_torch(query, codes, sketch, SCALE, index, 8)
-    got = qjl_scores_triton(query, codes, sketch, SCALE, index, 8, block_queries=16, groups_per_program=3)
+    query_on, sketch_on, index_on = on(device, query, sketch, index)
+    got = qjl_scores_triton(
+        query_on, QJLCodes(*on(device, *codes)), sketch_on, SCALE, index_on, 8, block_queries=16, groups_per_program=3
+    ).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
@@ -104,3 +118,18 @@ def test_bad_shapes_are_named():
         qjl_quantize_torch(keys, sketch, index, 16, 128)
     with pytest.raises(ValueError, match="whole groups"):
         outlier_channels(keys[:, :, :40], 8, 32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("magnitude", [1e-6, 1e6])
+def test_scores_kernel_is_accurate_at_any_query_scale(magnitude, device):
+    """The fp16 parts of S q are scaled per query row: queries far outside fp16's range (S q of 1e7, or 1e-5 where
+    fp16 is subnormal) score like the fp32 reference."""
+    keys, sketch, index = case(128, 64, 8, 32, 256, 64, seed=5)
+    codes = qjl_quantize_torch(keys, sketch, index, 32, 64)
+    query = torch.randn(1, 2, 4, 128, generator=torch.Generator().manual_seed(6)) * magnitude
+    want = qjl_scores_torch(query, codes, sketch, SCALE, index, 32)
+    query_on, sketch_on, index_on = on(device, query, sketch, index)
+    got = qjl_scores_triton(query_on, QJLCodes(*on(device, *codes)), sketch_on, SCALE, index_on, 32).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -148,7 +148,8 @@ if HAS_TRITON:
         residuals_ptr, codebook_ptr, norms_ptr, out_ptr, rows, size, width,
         BN: tl.constexpr, BC: tl.constexpr, BG: tl.constexpr,
     ):
-        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        # 64-bit offsets: rows x width may pass 2**31 (calibration encodes many tokens at once)
+        offs_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         offs_g = tl.arange(0, BG)
         live_n = offs_n < rows
         r = tl.load(
@@ -181,7 +182,7 @@ if HAS_TRITON:
         tables_ptr, codes_ptr, scale_ptr, out_ptr, n, t, m, size, nbytes,
         BITS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch x heads x tokens x bytes passes 2**31
         offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
         offs_m = tl.arange(0, BM)
         live_t = offs_t < t
@@ -234,3 +235,20 @@ def lut_scores_triton(
             n, t, m, size, nbytes, BITS=bits, BT=block_tokens, BM=block_size(m, 2),
         )
     return out
+
+
+def aot_cases() -> list:
+    """Compile cases (kvcompress_kernels.aot): the search at the shipped specs' codebooks (256 codewords of 32
+    channels), and the lookup-table scores of 8-bit codes for rvq (11 levels) and rvq-lite (6 levels) at head_dim
+    64, 128 and 256 (groups of 32 channels: head_dim / 32 x depth codes per token)."""
+    from kvcompress_kernels.aot import AOTCase
+
+    cases = [AOTCase("search 256 x 32", lambda: nearest_codeword_triton(torch.zeros(64, 32), torch.zeros(256, 32)))]
+    for d in (64, 128, 256):
+        for depth in (11, 6):
+            m = d // 32 * depth
+            tables = torch.zeros(1, 1, 4, m, 256)
+            codes = torch.zeros(1, 1, 64, m, dtype=torch.uint8)
+            scale = torch.zeros(1, 1, 64, dtype=torch.float16)
+            cases.append(AOTCase(f"lut scores d={d} depth={depth}", lambda a=(tables, codes, scale, 8): lut_scores_triton(*a)))
+    return cases

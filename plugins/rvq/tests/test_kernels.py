@@ -1,10 +1,12 @@
-"""kernels/rvq.py: the torch references do what they claim, and the Triton kernels equal them."""
+"""kernels/rvq.py: the torch references do what they claim, and the Triton kernels equal them (compiled on CUDA
+where a GPU answers, under TRITON_INTERPRET=1 on CPU tensors elsewhere: kvcompress.testing.kernel_devices)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvcompress.testing import kernel_devices
 from kvcompress_kernels.bitpack import pack_bits_torch
 from kvcompress_rvq.kernels import (
     lut_scores,
@@ -79,30 +81,35 @@ def test_dispatchers_use_the_reference_on_cpu():
 
 
 @pytest.mark.triton
-def test_nearest_codeword_kernel_equals_the_reference_with_ties():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_nearest_codeword_kernel_equals_the_reference_with_ties(device):
     # small integers: every distance is exact in float32, and repeated codewords make exact ties
     values = torch.randint(-3, 4, (100, 8), generator=generator(5)).float()
     codebook = torch.randint(-2, 3, (70, 8), generator=generator(6)).float()
     codebook[40:] = codebook[:30]  # duplicates in a later block: the first copy must win
-    assert torch.equal(nearest_codeword_triton(values, codebook), nearest_codeword_torch(values, codebook))
+    got = nearest_codeword_triton(values.to(device), codebook.to(device)).cpu()
+    assert torch.equal(got, nearest_codeword_torch(values, codebook))
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("rows,size,width", [(37, 256, 32), (5, 16, 8), (64, 100, 20)])
-def test_nearest_codeword_kernel_equals_the_reference(rows, size, width):
+def test_nearest_codeword_kernel_equals_the_reference(rows, size, width, device):
     residuals = torch.randn(rows, width, generator=generator(rows))
     codebook = torch.randn(size, width, generator=generator(size))
-    got = nearest_codeword_triton(residuals, codebook)
+    got = nearest_codeword_triton(residuals.to(device), codebook.to(device)).cpu()
     want = nearest_codeword_torch(residuals, codebook)
     assert torch.equal(got, want)
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("bits,m,t", [(8, 22, 70), (11, 16, 33), (3, 5, 9), (16, 2, 4)])
-def test_lut_scores_kernel_equals_the_reference(bits, m, t):
+def test_lut_scores_kernel_equals_the_reference(bits, m, t, device):
     size = min(2**bits, 64)  # a codebook may be smaller than the code width allows
     tables = torch.randn(2, 2, 3, m, size, generator=generator(bits))
     codes = torch.randint(0, size, (2, 2, t, m), generator=generator(bits + 1))
     scale = (torch.rand(2, 2, t, generator=generator(bits + 2)) + 0.5).half()
     packed = pack_bits_torch(codes, bits)
-    torch.testing.assert_close(lut_scores_triton(tables, packed, scale, bits), lut_scores_torch(tables, packed, scale, bits))
+    got = lut_scores_triton(tables.to(device), packed.to(device), scale.to(device), bits).cpu()
+    torch.testing.assert_close(got, lut_scores_torch(tables, packed, scale, bits))
