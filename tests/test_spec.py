@@ -185,7 +185,44 @@ def test_layer_override_beyond_the_model_fails_when_built(registry):
 
 @pytest.mark.parametrize("key,expected", [("3", [3]), ("0-2", [0, 1, 2]), ("0, 4-5", [0, 4, 5])])
 def test_layer_selection_syntax(key, expected):
-    assert parse_layer_selection(key) == expected
+    assert [i for span in parse_layer_selection(key) for i in span] == expected
+
+
+def test_a_huge_layer_selection_costs_nothing_and_is_checked_against_the_model():
+    data = {"name": "x", "keys": {"quantizer": {"method": "float"}}, "values": {"quantizer": {"method": "float"}},
+            "layers": {"0-100000000": {"window": 4}, "100000001": {"window": 2}}}
+    spec = parse_spec(data)
+    assert spec.min_layers() == 100000002
+    with pytest.raises(SpecError, match="layers.0-100000000: selects layer 30, but the model has 30 layers"):
+        spec.check_layers(30)
+    with pytest.raises(SpecError, match="layer 5 is selected by both '0-9' and '5'"):
+        parse_spec({**data, "layers": {"0-9": {"window": 4}, "5": {"window": 2}}})
+
+
+def test_hostile_spec_files_fail_fast_with_a_short_message(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\nname: *a8\n")
+    with pytest.raises(SpecError, match="more than 100000 values"):
+        load_spec(bomb)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100 + "]" * 100)
+    with pytest.raises(SpecError, match="nests deeper than 32"):
+        load_spec(deep)
+    big = tmp_path / "big.yaml"
+    big.write_text("name: " + "x" * (1 << 20))
+    with pytest.raises(SpecError, match="spec files are at most"):
+        load_spec(big)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(latin)
+    long_value = tmp_path / "long.yaml"
+    long_value.write_text("name: x\nwindow: '" + "9" * 10000 + "'\nkeys: {quantizer: {method: float}}\nvalues: {quantizer: {method: float}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(long_value)
+    assert len(str(info.value)) < 400 and "..." in str(info.value)
 
 
 @pytest.mark.parametrize("key", ["a", "3-", "5-2", ""])

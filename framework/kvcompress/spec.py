@@ -24,6 +24,12 @@ from kvcompress.plugins import Registry, get_registry, unknown_method_message
 from kvcompress.spec_base import EvictionSpec, MethodSpec
 
 SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+# Bounds on what a spec file may ask of the reader, so a hostile file fails fast: spec files are a few KiB.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000  # values after YAML aliases are expanded (an alias bomb reaches this at once)
+MAX_SPEC_DEPTH = 32
+MAX_OVERRIDES = 1024
+EXCERPT_CHARS = 80
 
 
 class _Strict(BaseModel):
@@ -105,7 +111,7 @@ class CacheSpec(_Strict):
     values: SerializeAsAny[PipelineSpec] = Field(description="How values are compressed and read.")
     evict: SerializeAsAny[EvictionSpec] | None = Field(None, description=EVICT_DESCRIPTION)
     layers: dict[str, SerializeAsAny[LayerOverride]] = Field(
-        default_factory=dict,
+        default_factory=dict, max_length=MAX_OVERRIDES,
         description='Per-layer overrides keyed by layer selections: "3", "0-1", "0,2,5-7". Selections may not overlap.',
     )
     _source: str | None = PrivateAttr(None)
@@ -113,12 +119,10 @@ class CacheSpec(_Strict):
     @field_validator("layers")
     @classmethod
     def _selections_disjoint(cls, layers: dict[str, Any]) -> dict[str, Any]:
-        seen: dict[int, str] = {}
-        for key in layers:
-            for index in parse_layer_selection(key):
-                if index in seen:
-                    raise ValueError(f"layer {index} is selected by both {seen[index]!r} and {key!r}")
-                seen[index] = key
+        spans = sorted((r.start, r.stop, key) for key in layers for r in parse_layer_selection(key))
+        for (_, stop, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < stop:
+                raise ValueError(f"layer {start} is selected by both {first!r} and {second!r}")
         return layers
 
     @property
@@ -131,7 +135,7 @@ class CacheSpec(_Strict):
         window, sinks, evict = self.window, self.sinks, self.evict
         pipelines = {"keys": self.keys, "values": self.values}
         for key, override in self.layers.items():
-            if index in parse_layer_selection(key):
+            if any(index in r for r in parse_layer_selection(key)):
                 window = override.window if override.window is not None else window
                 sinks = override.sinks if override.sinks is not None else sinks
                 evict = override.evict if override.evict is not None else evict
@@ -143,15 +147,15 @@ class CacheSpec(_Strict):
 
     def min_layers(self) -> int:
         """The fewest layers a model needs for every override selection to exist (1 without overrides)."""
-        return 1 + max((i for key in self.layers for i in parse_layer_selection(key)), default=0)
+        return max((r.stop for key in self.layers for r in parse_layer_selection(key)), default=1)
 
     def check_layers(self, num_layers: int) -> None:
         """Fail when an override selects a layer the model does not have."""
         for key in self.layers:
-            bad = [i for i in parse_layer_selection(key) if i >= num_layers]
+            bad = [max(r.start, num_layers) for r in parse_layer_selection(key) if r.stop > num_layers]
             if bad:
                 raise SpecError(
-                    [f"layers.{key}: selects layer {bad[0]}, but the model has {num_layers} layers (0-{num_layers - 1})"],
+                    [f"layers.{key}: selects layer {min(bad)}, but the model has {num_layers} layers (0-{num_layers - 1})"],
                     self._source,
                 )
 
@@ -162,9 +166,11 @@ def _merge(base: PipelineSpec, override: PipelineOverride) -> PipelineSpec:
     return PipelineSpec(**fields)
 
 
-def parse_layer_selection(key: str) -> list[int]:
-    """'3' -> [3]; '0-2' -> [0, 1, 2]; '0,4-5' -> [0, 4, 5]."""
-    indices: list[int] = []
+@lru_cache(maxsize=4096)
+def parse_layer_selection(key: str) -> tuple[range, ...]:
+    """'3' -> (range(3, 4),); '0-2' -> (range(0, 3),); '0,4-5' -> (range(0, 1), range(4, 6)). Ranges, so a
+    selection like '0-100000000' costs nothing to hold or test."""
+    spans: list[range] = []
     for part in key.split(","):
         part = part.strip()
         lo, sep, hi = part.partition("-")
@@ -173,8 +179,8 @@ def parse_layer_selection(key: str) -> list[int]:
         start, stop = int(lo), int(hi) if sep else int(lo)
         if stop < start:
             raise ValueError(f"layer range {part!r} runs backwards")
-        indices.extend(range(start, stop + 1))
-    return indices
+        spans.append(range(start, stop + 1))
+    return tuple(spans)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,9 +285,14 @@ def read_spec_file(path: Path) -> dict[str, Any]:
     if kind is None:
         raise SpecError([f"unknown spec file type {path.suffix!r}; use one of {', '.join(SPEC_SUFFIXES)}"], str(path))
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError([f"the file is {size} bytes; spec files are at most {MAX_SPEC_BYTES} bytes"], str(path))
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise SpecError([f"cannot read the spec file: {exc.strerror}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); save the spec as UTF-8"], str(path)) from None
     try:
         if kind == "yaml":
             data = yaml.safe_load(text)
@@ -289,9 +300,31 @@ def read_spec_file(path: Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError([f"not valid {kind.upper()}: {exc}"], str(path)) from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SpecError([f"not valid {kind.upper()}: {reason}"], str(path)) from None
+    problem = _too_large(data)
+    if problem:
+        raise SpecError([problem], str(path))
     return data
+
+
+def _too_large(data: Any) -> str | None:
+    """Why a loaded document is beyond what a spec needs (values after aliases, nesting), or None."""
+    nodes = 0
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_SPEC_NODES:
+            return f"the document holds more than {MAX_SPEC_NODES} values (YAML aliases expanded); a spec needs far fewer"
+        if depth > MAX_SPEC_DEPTH:
+            return f"the document nests deeper than {MAX_SPEC_DEPTH} levels; a spec needs far fewer"
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return None
 
 
 def _stage_items(data: dict[str, Any]):
@@ -334,7 +367,7 @@ def check_composition(spec: CacheSpec, registry: Registry | None = None) -> list
     """Problems with how stages combine (an estimator for another quantizer, a missing codebook...)."""
     registry = registry or get_registry()
     plans = [("", spec.layer(-1))] + [
-        (f"layers.{key}.", spec.layer(parse_layer_selection(key)[0])) for key in spec.layers
+        (f"layers.{key}.", spec.layer(parse_layer_selection(key)[0].start)) for key in spec.layers
     ]
     problems: list[str] = []
     for prefix, plan in plans:
@@ -379,7 +412,7 @@ def _format_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
         kind = error["type"]
         if kind == "extra_forbidden":
             allowed = ", ".join(owner.model_fields) if owner is not None else "?"
-            problems.append(f"{path}: unknown field (given {error['input']!r}); allowed fields: {allowed}")
+            problems.append(f"{path}: unknown field (given {_excerpt(error['input'])}); allowed fields: {allowed}")
         elif kind == "missing":
             problems.append(f"{path}: required field is missing")
         elif kind == "value_error" and isinstance(error["input"], dict):
@@ -389,8 +422,14 @@ def _format_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
             named = field.isidentifier() and field in error["input"]
             problems.append(f"{path}.{field}: {problem}" if named else f"{path}: {message}")
         else:
-            problems.append(f"{path}: {error['msg']} (given {error['input']!r})")
+            problems.append(f"{path}: {error['msg']} (given {_excerpt(error['input'])})")
     return problems
+
+
+def _excerpt(value: Any) -> str:
+    """repr of a bad value, cut short: an error shows what was given, not a 50 MB echo of it."""
+    text = repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
 
 
 def _readable_loc(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[list[Any], type[BaseModel] | None]:

@@ -15,16 +15,17 @@ class QJLSpec(MethodSpec):
 
     method: Literal["qjl"] = "qjl"
     sketch_dim: int | None = Field(
-        None, ge=8, multiple_of=8,
-        description="Sketch rows m, i.e. sign bits per key (a multiple of 8). Default: 2 x head_dim, as in the "
-        "reference. Give a larger sketch to some layers with the spec's `layers` overrides.",
+        None, ge=8, le=8192, multiple_of=8,
+        description="Sketch rows m, i.e. sign bits per key (a multiple of 8, at most 8192: the sketch matrix is m x "
+        "head_dim floats per layer). Default: 2 x head_dim, as in the reference. Give a larger sketch to some "
+        "layers with the spec's `layers` overrides.",
     )
     outliers: int = Field(
         8, ge=0,
         description="Outlier channels split off per group of tokens and head (0: none, and no token grouping).",
     )
     outlier_sketch_dim: int | None = Field(
-        None, ge=8, multiple_of=8,
+        None, ge=8, le=8192, multiple_of=8,
         description="Rows m' of the outlier sketch (the first m' rows of the sketch; a multiple of 8, at most "
         "sketch_dim). Default: sketch_dim.",
     )
