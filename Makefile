@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test bench bench-e2e clean
+.PHONY: install demo test bench bench-e2e bench-kvpress clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ bench: install $(CODEBOOKS)
 # End-to-end prefill and decode on the default model at 4096 and 8000 tokens, every spec: long (tens of minutes on a CPU).
 bench-e2e: install $(CODEBOOKS)
 	$(PY) benchmarks/e2e.py --json benchmarks/results/e2e.json --markdown
+
+# Token eviction side by side with kvpress 0.5 on the default model. kvpress runs in its own virtual environment,
+# benchmarks/.venv-kvpress, installed from PyPI on first use (torch pinned to this one's): about half an hour on a CPU.
+bench-kvpress: install
+	$(PY) benchmarks/kvpress_side_by_side.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info
