@@ -20,7 +20,7 @@ kvcompress's specs store tokens as float32 (the core's `float` quantizer, no ful
 eviction differs from a plain cache. Both keep int(T x (1 - ratio)) tokens per layer and KV head of a prompt of
 T tokens, sinks and SnapKV's observation window included (kvcompress: `budget`, set per prompt).
 
-    python benchmarks/kvpress_side_by_side.py [--quick] [--context 1024] [--continuation 64]
+    python benchmarks/kvpress_side_by_side.py [--quick] [--text FILE] [--context 1024] [--continuation 64]
         [--lengths 2048,4096] [--depths 0.5] [--ratios 0.25 0.5 0.75] [--methods streaming snapkv knorm]
         [--threads N] [--pip-args "--index-url URL"] [--json OUT]
 """
@@ -217,6 +217,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny context, one needle, ratio 0.5")
+    parser.add_argument("--text", metavar="FILE", help="UTF-8 text of both tasks (default: a license text from the system)")
     parser.add_argument("--context", type=int, default=1024, help="perplexity: tokens prefilled with eviction (default 1024)")
     parser.add_argument("--continuation", type=int, default=64, help="perplexity: tokens scored after it (default 64)")
     parser.add_argument("--lengths", default="2048,4096", help="needle: document lengths in tokens (default 2048,4096)")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = ensure_converted()  # the checkpoint both sides load
     model, tokenizer = load_model(str(model_dir), dtype=torch.float32)
-    text, source = read_text(None)
+    text, source = read_text(args.text)
     protocol = Protocol(args.context, args.continuation, chunk=1)
     ppl_ids = tokenize_text(tokenizer, text, protocol, source)
     settings = NeedleSettings.from_strings(args.lengths, args.depths, args.max_new_tokens, args.seed)
