@@ -22,7 +22,7 @@ T tokens, sinks and SnapKV's observation window included (kvcompress: `budget`, 
 
     python benchmarks/kvpress_side_by_side.py [--quick] [--text FILE] [--context 1024] [--continuation 64]
         [--lengths 2048,4096] [--depths 0.5] [--ratios 0.25 0.5 0.75] [--methods streaming snapkv knorm]
-        [--threads N] [--pip-args "--index-url URL"] [--json OUT]
+        [--threads N] [--pip-args="--index-url URL"] [--json OUT]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def ensure_venv(venv: Path, pip_args: list[str], log: Callable[[str], None]) -> 
     found = _kvpress_version(python) if python.exists() else None
     if found is not None and found.startswith("0.5."):
         return python
-    fix = (f"fix the cause (pip needs PyPI or a mirror; pass --pip-args \"--index-url URL\" for another index) "
+    fix = (f"fix the cause (pip needs PyPI or a mirror; pass --pip-args=\"--index-url URL\" for another index) "
            f"or delete {venv} and run again")
     if not python.exists():
         log(f"creating {venv}")
@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="torch threads of each side (default: half the CPUs, as both sides run at once)")
     parser.add_argument("--venv", type=Path, default=VENV, help=f"kvpress's virtual environment (default {VENV})")
-    parser.add_argument("--pip-args", default="", help="extra arguments for pip when it installs kvpress")
+    parser.add_argument("--pip-args", default="", help="extra arguments for pip when it installs kvpress, e.g. --pip-args=\"--index-url URL\"")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "kvpress_side_by_side.json",
                         help="where the JSON goes (default benchmarks/results/kvpress_side_by_side.json)")
     args = parser.parse_args(argv)
