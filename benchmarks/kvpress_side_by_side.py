@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -120,9 +121,11 @@ def ensure_venv(venv: Path, pip_args: list[str], log: Callable[[str], None]) -> 
     return python
 
 
-def start_kvpress(python: Path, request: dict[str, Any], scratch: Path) -> Callable[[], dict[str, Any]]:
-    """Start the worker on `request` (see kvpress_worker.py) in the background; returns the call that waits
-    for its result. Both sides run at once: they measure quality and bytes, not time."""
+@contextmanager
+def kvpress_worker(python: Path, request: dict[str, Any], scratch: Path) -> Iterator[Callable[[], dict[str, Any]]]:
+    """The worker started on `request` (see kvpress_worker.py) in the background; yields the call that waits
+    for its result, and stops it if the block fails first. Both sides run at once: they measure quality and
+    bytes, not time."""
     request_path, result_path = scratch / "request.json", scratch / "result.json"
     request_path.write_text(json.dumps(request))
     worker = subprocess.Popen([str(python), str(WORKER), str(request_path), str(result_path)], env=_env())
@@ -132,7 +135,12 @@ def start_kvpress(python: Path, request: dict[str, Any], scratch: Path) -> Calla
             raise KVCompressError(f"the kvpress worker failed (exit {worker.returncode}, its output above)")
         return json.loads(result_path.read_text())
 
-    return result
+    try:
+        yield result
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 def held_bytes(cache: Any) -> int:
@@ -174,9 +182,9 @@ def run_ours(
 def score_kvpress(tokenizer: Any, rows: list[dict[str, Any]], trials: list[Trial]) -> None:
     """Decode and score the worker's needle replies as kvcompress.eval.needle.answer and retrieved do."""
     for row in rows:
-        for answer, trial in zip(row["needle"], trials):
-            answer["reply"] = tokenizer.decode(answer.pop("reply_ids"), skip_special_tokens=True).strip()
-            answer["correct"] = retrieved(answer["reply"], trial.number)
+        for reply, trial in zip(row["needle"], trials):
+            reply["reply"] = tokenizer.decode(reply.pop("reply_ids"), skip_special_tokens=True).strip()
+            reply["correct"] = retrieved(reply["reply"], trial.number)
 
 
 def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "context": protocol.context, "ppl_ids": ppl_ids[0].tolist(),
         "needle_ids": [trial.input_ids[0].tolist() for trial in trials], "max_new_tokens": args.max_new_tokens,
     }
-    with tempfile.TemporaryDirectory(prefix="kvpress-side-") as scratch:
-        kvpress_result = start_kvpress(python, request, Path(scratch))
+    with tempfile.TemporaryDirectory(prefix="kvpress-side-") as scratch, \
+            kvpress_worker(python, request, Path(scratch)) as kvpress_result:
         ours = run_ours(model, tokenizer, ppl_ids, protocol, trials, args.max_new_tokens, pairs, log)
         theirs = kvpress_result()
     score_kvpress(tokenizer, theirs["rows"], trials)
@@ -273,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     header = run_header(str(model_dir), model, source, "kvpress side by side",
                         {**asdict(protocol), **asdict(settings), "ratios": args.ratios})
     header["kvpress_side"] = {"versions": theirs["versions"], "torch_threads": theirs["torch_threads"], "venv": str(args.venv)}
-    answers = [{"number": t.number, "length": t.length, "depth": t.depth, "prompt_tokens": t.input_ids.shape[1]} for t in trials]
+    trial_rows = [{"number": t.number, "length": t.length, "depth": t.depth, "prompt_tokens": t.input_ids.shape[1]} for t in trials]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"header": header, "trials": answers, "table": table, "kvcompress": ours,
+    args.json.write_text(json.dumps({"header": header, "trials": trial_rows, "table": table, "kvcompress": ours,
                                      "kvpress": theirs["rows"]}, indent=2) + "\n")
     print(markdown(table))
     v, kv = header["versions"], theirs["versions"]
