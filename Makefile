@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test bench bench-e2e gpu-check clean
+.PHONY: install demo test bench bench-e2e bench-kvpress gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -57,5 +57,10 @@ bench-e2e: install $(CODEBOOKS)
 gpu-check: install $(CODEBOOKS)
 	$(PY) benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json --markdown benchmarks/results/gpu_check.md
 
+# Token eviction side by side with kvpress 0.5 on the default model. kvpress runs in its own virtual environment,
+# benchmarks/.venv-kvpress, installed from PyPI on first use (torch pinned to this one's): 13 minutes on 2 busy CPU cores.
+bench-kvpress: install
+	$(PY) benchmarks/kvpress_side_by_side.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info
+	rm -rf $(VENV) benchmarks/.venv-kvpress build *.egg-info plugins/*/*.egg-info

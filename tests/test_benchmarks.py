@@ -102,3 +102,24 @@ def test_gpu_check_fails_on_kernel_tests_errors_and_paths_that_differ():
         "qjl on a llama-3-8b layer, 4096 tokens, batch 8: the Triton and torch paths differ by 2.0e-01 (relative)",
         "qjl on a llama-3-8b layer, 4096 tokens, batch 8: OutOfResources: shared memory",
     ]
+
+
+def test_kvpress_side_by_side_our_half_keeps_kvpress_counts_and_frees_the_rest():
+    """Our half of benchmarks/kvpress_side_by_side.py (kvpress's needs its own venv from PyPI): each evictor
+    holds int(T x (1 - ratio)) tokens, so the bytes fall by the evicted fraction; above it: the kept positions
+    (2 bytes a token and head against 128 of float32 keys and values at head_dim 16) and the packed store's
+    rounding up to 32 tokens (with StreamingLLM's 4 sinks held apart, 92 packed tokens take 96 rows)."""
+    from kvcompress.eval.perplexity import Protocol
+    from kvcompress.testing import VOCAB, tiny_model
+
+    side = _load_benchmark("kvpress_side_by_side")
+    model = tiny_model("llama")
+    protocol = Protocol(context=128, continuation=4, chunk=1)  # more than SnapKV's 64 observed queries
+    ids = torch.randint(0, VOCAB, (1, protocol.tokens), generator=torch.Generator().manual_seed(0))
+    pairs = side.runs(["streaming", "snapkv", "knorm"], [0.25, 0.75])
+    rows = side.run_ours(model, None, ids, protocol, [], 8, pairs)
+    table = side.compare(rows, rows)
+    assert [(row["method"], row["ratio"]) for row in table][:3] == [("none", 0.0), ("streaming", 0.25), ("streaming", 0.75)]
+    for row in table:
+        assert 1 - row["ratio"] <= row["held_ours"] <= 1 - row["ratio"] + 0.05 and row["ppl_ours"] > 1
+    assert "| snapkv | 75% |" in side.markdown(table)
