@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from kvcompress import KVCompressError, load_spec
+from kvcompress import KVCompressError, SpecError, load_spec
 from kvcompress.calibrate import calibrate, save
 from kvcompress.cli import main
 from kvcompress.pipeline import build_codecs
@@ -94,7 +94,7 @@ def test_calibrated_file_builds_the_spec_codecs(tmp_path):
     # the same file refuses another model, and a spec whose quantizer changed
     with pytest.raises(KVCompressError, match="calibrated for model"):
         build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS, model="/models/smollm2")
-    with pytest.raises(ValueError, match="learned for another rvq quantizer: depth 2 \\(spec: 3\\)"):
+    with pytest.raises(SpecError, match="keys.quantizer: .*learned for another rvq quantizer: depth 2 \\(spec: 3\\)"):
         build_codecs(load_spec(write_spec(tmp_path, depth=3)), LAYERS, HEAD_DIM, KV_HEADS)
 
 

@@ -221,5 +221,5 @@ def test_pruner_stage_serves_only_its_roles(registry):
 
 
 def test_a_pruner_must_keep_between_one_and_head_dim_channels(registry):
-    with pytest.raises(ValueError, match=r"keeps 9 channels of layer 0 keys; it must keep between 1 and head_dim \(8\)"):
+    with pytest.raises(kvcompress.KVCompressError, match=r"keys.pruner: .probe. keeps 9 channels; it must keep between 1 and head_dim \(8\)"):
         make_codec({"method": "float"}, head_dim=8, pruner={"method": "probe", "keep": 9}, registry=registry)

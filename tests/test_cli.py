@@ -86,3 +86,24 @@ def test_roundtrip_reports_bits_from_stored_bytes(tmp_path, capsys):
 def test_every_command_has_help(command):
     result = kvcompress(command, "--help")
     assert result.returncode == 0 and "usage: kvcompress" in result.stdout
+
+
+def test_validate_against_a_model_shape_gives_spec_errors_with_field_paths(tmp_path, capsys):
+    """--model checks every spec against the model's config (no weights): a group that does not divide its
+    head_dim, met only in an override, is a spec error with the override's path and exit status 2."""
+    from kvcompress.testing import tiny_model
+
+    tiny_model("llama").config.save_pretrained(tmp_path / "model")  # 2 layers, head_dim 16
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: s\nkeys: {quantizer: {method: scalar, bits: 4, axis: token, group: 16}}\n"
+        "values: {quantizer: {method: scalar, bits: 4, axis: token, group: 16}}\n"
+        "layers:\n  '1': {values: {quantizer: {method: scalar, bits: 4, axis: token, group: 12}}}\n"
+    )
+    assert main(["validate", "--model", str(tmp_path / "model"), str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "layers.1.values.quantizer: scalar quantizer: group 12 does not divide head_dim 16" in err
+    assert "Traceback" not in err and "(layer 1 of a model with 2 layers" in err
+    spec.write_text("name: fits\nkeys: {quantizer: {method: float}}\nvalues: {quantizer: {method: float}}\n")
+    assert main(["validate", "--model", str(tmp_path / "model"), str(spec)]) == 0
+    assert "ok (fits, for " in capsys.readouterr().out

@@ -67,15 +67,24 @@ def cmd_methods(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
+    config = None
+    if args.model:
+        from kvcompress.hf.loading import load_config
+
+        config = load_config(args.model)
     failed = 0
     for path in args.specs:
         try:
             spec = load_spec(path, registry)
+            if config is not None:
+                from kvcompress.hf.cache import check_spec
+
+                check_spec(spec, config, args.model, registry)
         except SpecError as exc:
             print(exc, file=sys.stderr)
             failed += 1
             continue
-        print(f"{path}: ok ({spec.name})")
+        print(f"{path}: ok ({spec.name}{', for ' + args.model if args.model else ''})")
     return 2 if failed else 0
 
 
@@ -146,6 +155,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate spec files (exit status 2 when any is invalid)")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument(
+        "--model", help="also check each spec against this model's shape (smollm2 or a local transformers "
+        "directory; its config only, no weights)",
+    )
     p.set_defaults(run=cmd_validate)
 
     p = sub.add_parser("schema", help="JSON Schema of the spec format, for editors (or --markdown reference)")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from kvcompress.errors import KVCompressError
+from kvcompress.errors import KVCompressError, PluginError, SpecError
 from kvcompress.methods import EVICTION, ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.runtime import ChannelPruner, Estimator, Evictor, Observation, Quantizer, Reader, Transform
-from kvcompress.spec import CacheSpec, PipelineSpec
+from kvcompress.spec import CacheSpec, PipelineSpec, parse_layer_selection
 from kvcompress.spec_base import EvictionSpec, MethodSpec
 from kvcompress.state import PackedState
 from kvcompress_kernels.partial import scores_partial
@@ -189,17 +191,38 @@ def _gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, _channel_index(channels, x.shape[2]))
 
 
+class StageError(KVCompressError):
+    """A method's factory refused its spec for this layer's shape (a group that does not divide head_dim, a
+    codebook of another shape...): build_codecs turns it into a SpecError with the field path."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}")
+
+
+@contextmanager
+def _stage(path: str) -> Iterator[None]:
+    """Factories check the spec against the model's shape and raise ValueError (or their own KVCompressError):
+    report it as a problem of the spec field `path`."""
+    try:
+        yield
+    except (SpecError, PluginError, StageError):
+        raise
+    except (ValueError, KVCompressError) as exc:
+        raise StageError(path, str(exc)) from exc
+
+
 def build_pruner(
     spec: MethodSpec, ctx: LayerContext, registry: Registry
 ) -> tuple[ChannelPruner, frozenset[str], LayerContext]:
     """The pruner of a pipeline, what it observes, and the context of the later stages (its kept channels)."""
     method = registry.get("pruner", spec.method)
-    pruner = method.factory(spec, ctx)
-    if not 0 < pruner.kept <= ctx.head_dim:
-        raise ValueError(
-            f"pruner {method.name!r} keeps {pruner.kept} channels of layer {ctx.layer} {ctx.role}; it must keep "
-            f"between 1 and head_dim ({ctx.head_dim})"
-        )
+    with _stage(f"{ctx.role}.pruner"):
+        pruner = method.factory(spec, ctx)
+        if not 0 < pruner.kept <= ctx.head_dim:
+            raise ValueError(
+                f"{method.name!r} keeps {pruner.kept} channels; it must keep between 1 and head_dim ({ctx.head_dim})"
+            )
     return pruner, method.observes, replace(ctx, head_dim=pruner.kept)
 
 
@@ -211,15 +234,19 @@ def build_role_codec(
         pruner, observes, ctx = build_pruner(pipeline.pruner, ctx, registry)
     codebook = None
     if pipeline.codebook is not None:
-        codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
+        with _stage(f"{ctx.role}.codebook"):
+            codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
         ctx = replace(ctx, codebook=codebook)
     quantizer_method = registry.get("quantizer", pipeline.quantizer.method)
-    quantizer = quantizer_method.factory(pipeline.quantizer, ctx)
+    with _stage(f"{ctx.role}.quantizer"):
+        quantizer = quantizer_method.factory(pipeline.quantizer, ctx)
     estimator_spec = pipeline.estimator or registry.get("estimator", quantizer_method.estimator or "decode").spec()
-    estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
+    with _stage(f"{ctx.role}.estimator"):
+        estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
     transform = None
     if pipeline.transform is not None:
-        transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)
+        with _stage(f"{ctx.role}.transform"):
+            transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)
     stages = "+".join(stage.method for stage in (pipeline.pruner, pipeline.quantizer) if stage is not None)
     name = f"layer {ctx.layer} {ctx.role} ({stages})"
     return RoleCodec(
@@ -242,21 +269,50 @@ def build_codecs(
     spec_dir = str(Path(spec.source).resolve().parent) if spec.source else None
     layers = []
     for index in range(num_layers):
-        plan = spec.layer(index)
-        ctx = LayerContext(
-            layer=index, num_layers=num_layers, role="keys", head_dim=head_dim, kv_heads=kv_heads,
-            spec_dir=spec_dir, model=model,
-        )
-        roles: dict[Role, RoleCodec] = {
-            role: build_role_codec(getattr(plan, role), replace(ctx, role=role), registry) for role in ROLES
-        }
-        layer = LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, compress_run=spec.compress_run, **roles)
-        if plan.evict is not None:
-            method = registry.get(EVICTION.name, plan.evict.method)
-            layer.evictor, layer.eviction = method.factory(plan.evict, ctx), plan.evict
-            layer.evictor_observes = method.observes
-        reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
-        if reader is not None:
-            layer.reader = reader.factory(layer, ctx)
-        layers.append(layer)
+        try:
+            layers.append(_layer_codecs(spec, index, num_layers, head_dim, kv_heads, spec_dir, model, registry))
+        except StageError as exc:
+            path = _field_path(spec, index, exc.path)
+            raise SpecError(
+                [f"{path}: {exc.problem} (layer {index} of a model with {num_layers} layers, {kv_heads} KV heads, "
+                 f"head_dim {head_dim})"],
+                spec.source,
+            ) from exc
     return layers
+
+
+def _field_path(spec: CacheSpec, index: int, path: str) -> str:
+    """Where layer `index` took the stage at `path` ("keys.quantizer", "evict") from: its override, or the top."""
+    for key, override in spec.layers.items():
+        if any(index in r for r in parse_layer_selection(key)):
+            node: object = override
+            for part in path.split("."):
+                node = getattr(node, part, None)
+            if node is not None:
+                return f"layers.{key}.{path}"
+    return path
+
+
+def _layer_codecs(
+    spec: CacheSpec, index: int, num_layers: int, head_dim: int, kv_heads: int, spec_dir: str | None,
+    model: str | None, registry: Registry,
+) -> LayerCodecs:
+    """The codecs, evictor and reader of layer `index`."""
+    plan = spec.layer(index)
+    ctx = LayerContext(
+        layer=index, num_layers=num_layers, role="keys", head_dim=head_dim, kv_heads=kv_heads,
+        spec_dir=spec_dir, model=model,
+    )
+    roles: dict[Role, RoleCodec] = {
+        role: build_role_codec(getattr(plan, role), replace(ctx, role=role), registry) for role in ROLES
+    }
+    layer = LayerCodecs(layer=index, window=plan.window, sinks=plan.sinks, compress_run=spec.compress_run, **roles)
+    if plan.evict is not None:
+        method = registry.get(EVICTION.name, plan.evict.method)
+        with _stage(EVICTION.name):
+            layer.evictor, layer.eviction = method.factory(plan.evict, ctx), plan.evict
+        layer.evictor_observes = method.observes
+    reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
+    if reader is not None:
+        layer.reader = reader.factory(layer, ctx)
+    return layer

@@ -57,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(Path(args.json))
     device = resolve_device(args.device)
 
-    from kvcompress.hf.loading import load_model
+    from kvcompress.hf.cache import check_spec
+    from kvcompress.hf.loading import load_config, load_model
 
+    config = load_config(args.model)
+    for spec in specs:  # the model's shape, from its config: a spec it refuses fails before the weights load
+        check_spec(spec, config, args.model)
     model, tokenizer = load_model(args.model)
     model.to(device)
     # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.

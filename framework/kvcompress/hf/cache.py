@@ -120,6 +120,14 @@ def model_geometry(config: Any) -> ModelGeometry:
     )
 
 
+def check_spec(spec: CacheSpec, config: Any, model_name: str | None = None, registry: Registry | None = None) -> None:
+    """Build every layer's codecs for this model config, without weights, so a spec the model's shape refuses
+    (a group that does not divide head_dim, an override past the last layer, a codebook for another shape)
+    fails as a SpecError with the field path before a model loads."""
+    g = model_geometry(config)
+    build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)
+
+
 def _sliding_windows(text: Any) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: full attention), by transformers' own rule for DynamicCache: a
     config's layer_types, else `sliding_window` set makes every layer slide (Mistral)."""

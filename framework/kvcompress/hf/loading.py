@@ -139,6 +139,18 @@ def load_model(name: str = DEFAULT_MODEL, dtype: "torch.dtype | None" = None) ->
     return model, tokenizer
 
 
+def load_config(name: str = DEFAULT_MODEL) -> Any:
+    """The transformers config of model `name` (no weights loaded): enough to check a spec against its shape."""
+    directory = resolve_model(name)
+    _offline()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r}: transformers cannot read the config in {directory}: {exc}") from exc
+
+
 def _offline() -> None:
     """Keep huggingface_hub from reaching the network, whatever the caller's environment says."""
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -203,7 +203,7 @@ def test_group_not_dividing_head_dim_fails_when_a_spec_is_built():
         "keys": {"quantizer": {"method": "scalar", "bits": 2, "axis": "token", "group": 48}},
         "values": {"quantizer": {"method": "float"}},
     })
-    with pytest.raises(ValueError, match="group 48 does not divide head_dim 64"):
+    with pytest.raises(SpecError, match=r"keys.quantizer: scalar quantizer: group 48 does not divide head_dim 64.*\(layer 0 of a model"):
         build_codecs(spec, num_layers=1, head_dim=64, kv_heads=1)
 
 
