@@ -39,6 +39,10 @@ class RecentSpec(EvictionSpec):
     method: Literal["recent"] = "recent"
 
 
+class RecentPlainSpec(MethodSpec):
+    method: Literal["recent"] = "recent"
+
+
 def test_an_evictor_registers_and_its_spec_must_be_an_eviction_spec():
     class Evictors:
         def __init__(self, spec):
@@ -52,9 +56,9 @@ def test_an_evictor_registers_and_its_spec_must_be_an_eviction_spec():
     registry.register(Evictors(RecentSpec), "recent-plugin")
     assert registry.get("evict", "recent").spec is RecentSpec
     registry = Registry(entry_points=False)
-    registry.register(Evictors(EchoSpec), "bad-plugin")
-    with pytest.raises(PluginError, match="must subclass kvcompress.EvictionSpec"):
-        registry.names("evict")
+    with pytest.raises(PluginError, match="plugin 'bad-plugin'.*must subclass kvcompress.EvictionSpec"):
+        registry.register(Evictors(RecentPlainSpec), "bad-plugin")
+    assert "bad-plugin" not in registry.plugins
 
 
 def test_core_methods_are_registered():
@@ -73,9 +77,8 @@ def test_in_process_plugin_registers():
 def test_duplicate_method_names_fail_naming_both_distributions():
     registry = Registry(entry_points=False)
     registry.register(EchoPlugin(), "first-dist")
-    registry.register(EchoPlugin(), "second-dist")
-    with pytest.raises(PluginError, match="first-dist.*second-dist|second-dist.*first-dist"):
-        registry.names("quantizer")
+    with pytest.raises(PluginError, match="plugin 'second-dist'.*clashing with 'echo' of plugin 'first-dist'"):
+        registry.register(EchoPlugin(), "second-dist")
 
 
 def test_unknown_method_lists_installed_and_the_package_to_install():
@@ -93,9 +96,8 @@ def test_wrong_descriptor_type_is_reported():
             return [QuantizerMethod(name="x", spec=EchoSpec, factory=lambda s, c: None)]
 
     registry = Registry(entry_points=False)
-    registry.register(Wrong(), "wrong")
-    with pytest.raises(PluginError, match="expected EstimatorMethod"):
-        registry.names("estimator")
+    with pytest.raises(PluginError, match="plugin 'wrong'.*returned QuantizerMethod from kvcompress_estimators; expected EstimatorMethod"):
+        registry.register(Wrong(), "wrong")
 
 
 @pytest.fixture
@@ -152,3 +154,97 @@ def test_plugin_modules_import_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _faulty(kind: str) -> object:
+    """A plugin object with one fault of the kinds users and plugin authors make."""
+
+    class NoTag(MethodSpec):
+        method: str = "notag"
+
+    class FloatTwin(MethodSpec):
+        method: Literal["float"] = "float"
+
+    def quantizers(result):
+        class Plugin:
+            @hookimpl
+            def kvcompress_quantizers(self):
+                return result() if callable(result) else result
+
+        return Plugin()
+
+    if kind == "raises":
+        return quantizers(lambda: 1 / 0)
+    if kind == "not a list":
+        return quantizers(QuantizerMethod(name="echo", spec=EchoSpec, factory=lambda s, c: None))
+    if kind == "no tag":
+        return quantizers([QuantizerMethod(name="notag", spec=NoTag, factory=lambda s, c: None)])
+    if kind == "tag differs":
+        return quantizers([QuantizerMethod(name="other", spec=EchoSpec, factory=lambda s, c: None)])
+    if kind == "name None":
+        return quantizers([QuantizerMethod(name=None, spec=EchoSpec, factory=lambda s, c: None)])
+    if kind == "tag of another plugin":
+        return quantizers([QuantizerMethod(name="float", spec=FloatTwin, factory=lambda s, c: None)])
+
+    class Misspelt:
+        if kind == "extra argument":
+            @hookimpl
+            def kvcompress_quantizers(self, extra):
+                return []
+        else:
+            @hookimpl(optionalhook=True)
+            def kvcompress_quantiser(self):
+                return []
+
+    return Misspelt()
+
+
+FAULTS = {
+    "raises": "raised ZeroDivisionError from kvcompress_quantizers",
+    "not a list": "returned QuantizerMethod from kvcompress_quantizers; expected a list",
+    "no tag": "must declare method: Literal\\['notag'\\]",
+    "tag differs": "must declare method: Literal\\['other'\\]",
+    "name None": "whose name is None",
+    "tag of another plugin": "clashing with 'float' of plugin 'kvcompress'",
+    "extra argument": "has a hook pluggy refuses",
+    "misspelt hook": "defines kvcompress_quantiser, which is no kvcompress hook",
+}
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_a_faulty_plugin_is_refused_naming_it_and_the_rest_goes_on(kind):
+    strict = Registry(entry_points=False)
+    with pytest.raises(PluginError, match=f"plugin 'faulty'.*{FAULTS[kind]}"):
+        strict.register(_faulty(kind), "faulty")
+    lenient = Registry(strict=False, entry_points=False)
+    lenient.register(_faulty(kind), "faulty")
+    lenient.register(EchoPlugin(), "healthy")
+    assert [info.name for info in lenient.failed] == ["faulty"]
+    assert set(lenient.names("quantizer")) == {"float", "echo"} and "faulty" not in lenient.plugins
+
+
+def test_a_plugin_that_exits_on_import_is_reported(tmp_path, monkeypatch):
+    dist = tmp_path / "kvcompress_exits-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvcompress-exits\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[kvcompress]\nkvcompress-exits = kvcompress_exits_mod\n")
+    (tmp_path / "kvcompress_exits_mod.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry(strict=False)
+    assert [info.name for info in registry.failed] == ["kvcompress-exits"] and "SystemExit" in registry.failed[0].error
+
+
+def test_a_factory_returning_none_is_a_plugin_error_naming_its_distribution():
+    class Lazy:
+        @hookimpl
+        def kvcompress_quantizers(self):
+            return [QuantizerMethod(name="echo", spec=EchoSpec, factory=lambda spec, ctx: None)]
+
+    from kvcompress.pipeline import build_codecs
+    from kvcompress.spec import parse_spec
+
+    registry = Registry(entry_points=False)
+    registry.register(Lazy(), "lazy-plugin")
+    spec = parse_spec({"name": "x", "keys": {"quantizer": {"method": "echo"}}, "values": {"quantizer": {"method": "float"}}}, registry=registry)
+    with pytest.raises(PluginError, match="quantizer factory of 'echo' \\(plugin 'lazy-plugin'.*returned None"):
+        build_codecs(spec, 1, 8, 1, registry=registry)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -200,6 +201,17 @@ class StageError(KVCompressError):
         super().__init__(f"{path}: {problem}")
 
 
+def _made(made: Any, stage: str, method: str, registry: Registry) -> Any:
+    """A factory's product, or PluginError naming the distribution whose factory returned nothing."""
+    if made is None:
+        plugin = registry.provided(stage)[method].plugin
+        raise PluginError(
+            f"the {stage} factory of {method!r} (plugin {plugin.name!r}, distribution {plugin.distribution}) returned "
+            "None; a factory must return the object it builds"
+        )
+    return made
+
+
 @contextmanager
 def _stage(path: str) -> Iterator[None]:
     """Factories check the spec against the model's shape and raise ValueError (or their own KVCompressError):
@@ -218,7 +230,7 @@ def build_pruner(
     """The pruner of a pipeline, what it observes, and the context of the later stages (its kept channels)."""
     method = registry.get("pruner", spec.method)
     with _stage(f"{ctx.role}.pruner"):
-        pruner = method.factory(spec, ctx)
+        pruner = _made(method.factory(spec, ctx), "pruner", method.name, registry)
         if not 0 < pruner.kept <= ctx.head_dim:
             raise ValueError(
                 f"{method.name!r} keeps {pruner.kept} channels; it must keep between 1 and head_dim ({ctx.head_dim})"
@@ -236,17 +248,20 @@ def build_role_codec(
     if pipeline.codebook is not None:
         with _stage(f"{ctx.role}.codebook"):
             codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
+            _made(codebook, "codebook", pipeline.codebook.method, registry)
         ctx = replace(ctx, codebook=codebook)
     quantizer_method = registry.get("quantizer", pipeline.quantizer.method)
     with _stage(f"{ctx.role}.quantizer"):
-        quantizer = quantizer_method.factory(pipeline.quantizer, ctx)
+        quantizer = _made(quantizer_method.factory(pipeline.quantizer, ctx), "quantizer", quantizer_method.name, registry)
     estimator_spec = pipeline.estimator or registry.get("estimator", quantizer_method.estimator or "decode").spec()
     with _stage(f"{ctx.role}.estimator"):
         estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
+        _made(estimator, "estimator", estimator_spec.method, registry)
     transform = None
     if pipeline.transform is not None:
         with _stage(f"{ctx.role}.transform"):
             transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)
+            _made(transform, "transform", pipeline.transform.method, registry)
     stages = "+".join(stage.method for stage in (pipeline.pruner, pipeline.quantizer) if stage is not None)
     name = f"layer {ctx.layer} {ctx.role} ({stages})"
     return RoleCodec(
@@ -310,7 +325,8 @@ def _layer_codecs(
     if plan.evict is not None:
         method = registry.get(EVICTION.name, plan.evict.method)
         with _stage(EVICTION.name):
-            layer.evictor, layer.eviction = method.factory(plan.evict, ctx), plan.evict
+            layer.evictor = _made(method.factory(plan.evict, ctx), EVICTION.name, method.name, registry)
+            layer.eviction = plan.evict
         layer.evictor_observes = method.observes
     reader = next((r.method for r in registry.readers() if r.method.reads(layer.keys.method, layer.values.method)), None)
     if reader is not None:

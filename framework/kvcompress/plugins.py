@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -14,12 +15,19 @@ from kvcompress import hookspecs
 from kvcompress.errors import PluginError, UnknownMethodError, UnsupportedModelError
 from kvcompress.methods import EVICTION, KNOWN_PROVIDERS, METHOD_KINDS, OBSERVABLES, ModelAdapter, ReaderMethod
 
-from kvcompress.spec_base import EvictionSpec
+from kvcompress.spec_base import EvictionSpec, MethodSpec
 
 ENTRY_POINT_GROUP = "kvcompress"
 DISABLE_ENV = "KVCOMPRESS_DISABLE_PLUGINS"
 CORE_PLUGIN = "kvcompress"
 ADAPTER_HOOK = "kvcompress_model_adapters"
+READER_HOOK = "kvcompress_readers"
+# Every hook and the descriptor its implementations return.
+HOOK_DESCRIPTORS: dict[str, type] = {
+    **{stage.hook: stage.descriptor for stage in METHOD_KINDS.values()},
+    READER_HOOK: ReaderMethod,
+    ADAPTER_HOOK: ModelAdapter,
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class Registry:
         self._methods: dict[str, dict[str, Provided]] | None = None
         self._adapters: dict[str, Provided] | None = None
         self._readers: list[Provided] | None = None
+        self._provided: dict[str, dict[str, list[Any]]] = {}  # plugin -> hook -> its checked descriptors
         from kvcompress import builtin
 
         self.register(builtin, PluginInfo(CORE_PLUGIN, "kvcompress", _version("kvcompress")))
@@ -75,39 +84,105 @@ class Registry:
             version = ep.dist.version if ep.dist is not None else "?"
             try:
                 module = ep.load()
-            except Exception as exc:  # any import failure of third-party code is reported, not hidden
-                info = PluginInfo(ep.name, dist, version, f"{type(exc).__name__}: {exc}")
-                if self.strict:
-                    raise PluginError(
-                        f"plugin {ep.name!r} (distribution {dist} {version}) failed to import: {info.error}. "
-                        f"Fix or uninstall it, or set {DISABLE_ENV}={ep.name} to skip it."
-                    ) from exc
-                self.failed.append(info)
+            except (Exception, SystemExit) as exc:  # third-party import failures (even sys.exit) are reported
+                self._reject(PluginInfo(ep.name, dist, version, f"failed to import: {type(exc).__name__}: {exc}"), exc)
                 continue
             self.register(module, PluginInfo(ep.name, dist, version))
 
     def register(self, plugin: ModuleType | object, info: PluginInfo | str) -> None:
-        """Register a plugin object in-process (tests, notebooks). `info` may be just a name."""
+        """Register a plugin object in-process (tests, notebooks). `info` may be just a name.
+
+        Its hooks are called once, here, and what they return is checked (a list of the hook's descriptors,
+        named, each spec model tagged with its method's name, no name another plugin provides). A plugin that
+        fails any check is not registered: a strict registry raises PluginError naming its distribution, a
+        lenient one records it in `failed` and goes on without it."""
         if isinstance(info, str):
             info = PluginInfo(info, info, "0")
         if info.name in self.plugins:
             raise PluginError(f"a plugin named {info.name!r} is already registered ({self.plugins[info.name].distribution})")
-        self.pm.register(plugin, name=info.name)
+        try:
+            self.pm.register(plugin, name=info.name)
+        except pluggy.PluginValidationError as exc:
+            self._reject(replace(info, error=f"has a hook pluggy refuses: {exc}"), exc)
+            return
+        try:
+            provided = self._check_plugin(plugin, info)
+        except PluginError as exc:
+            self.pm.unregister(name=info.name)
+            self._reject(replace(info, error=str(exc)), exc)
+            return
         self.plugins[info.name] = info
+        self._provided[info.name] = provided
         self._methods = self._adapters = self._readers = None
 
-    def _results(self, hook_name: str, expected: type):
-        """(descriptor, plugin) for everything the implementations of `hook_name` return, each descriptor with
-        the plugin that gave it (the implementations are called apart), checked to be an `expected`."""
-        caller = getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
-            info = self.plugins[impl.plugin_name]
-            for descriptor in impl.function() or []:
-                if not isinstance(descriptor, expected):
+    def _reject(self, info: PluginInfo, cause: BaseException) -> None:
+        if self.strict:
+            raise PluginError(
+                f"plugin {info.name!r} (distribution {info.distribution} {info.version}) {info.error}. Fix or "
+                f"uninstall it, or set {DISABLE_ENV}={info.name} to skip it."
+            ) from cause
+        self.failed.append(info)
+
+    def _check_plugin(self, plugin: object, info: PluginInfo) -> dict[str, list[Any]]:
+        """What each of the plugin's hooks returns, checked; PluginError (without the plugin's name) otherwise."""
+        declared = {name for name in dir(hookspecs) if name.startswith("kvcompress_")}
+        for name in dir(plugin):
+            if name.startswith("kvcompress_") and callable(getattr(plugin, name, None)) and name not in declared:
+                raise PluginError(f"defines {name}, which is no kvcompress hook (the hooks: {', '.join(sorted(declared))})")
+        provided: dict[str, list[Any]] = {}
+        for hook, expected in HOOK_DESCRIPTORS.items():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.plugin_name != info.name:
+                    continue
+                try:
+                    result = impl.function()
+                except Exception as exc:  # third-party code: its failure is reported, not raised through
+                    raise PluginError(f"raised {type(exc).__name__} from {hook}: {exc}") from exc
+                if result is None:
+                    result = []
+                if not isinstance(result, (list, tuple)):
+                    raise PluginError(f"returned {type(result).__name__} from {hook}; expected a list of {expected.__name__}")
+                for descriptor in result:
+                    self._check_descriptor(descriptor, hook, expected, info)
+                provided[hook] = list(result)
+        return provided
+
+    def _check_descriptor(self, descriptor: Any, hook: str, expected: type, info: PluginInfo) -> None:
+        if not isinstance(descriptor, expected):
+            raise PluginError(f"returned {type(descriptor).__name__} from {hook}; expected {expected.__name__}")
+        name = getattr(descriptor, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"returned a {expected.__name__} from {hook} whose name is {name!r}; name it with a non-empty string")
+        unknown = set(getattr(descriptor, "observes", ())) - set(OBSERVABLES)
+        if unknown:
+            raise PluginError(f"{name!r} observes {', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}")
+        spec = getattr(descriptor, "spec", None)
+        if spec is not None:
+            field = spec.model_fields.get("method") if isinstance(spec, type) and issubclass(spec, MethodSpec) else None
+            if field is None:
+                raise PluginError(f"{name!r}: its spec model {getattr(spec, '__name__', spec)!r} is not a kvcompress.MethodSpec")
+            if typing.get_args(field.annotation) != (name,) or field.default != name:
+                raise PluginError(
+                    f"{name!r}: its spec model {spec.__name__} must declare method: Literal[{name!r}] = {name!r} (the tag "
+                    f"spec files write), not {field.annotation!r} = {field.default!r}"
+                )
+        if hook == EVICTION.hook and not issubclass(spec, EvictionSpec):
+            raise PluginError(f"evictor {name!r} has the spec model {spec.__name__}; an evictor's spec must subclass kvcompress.EvictionSpec")
+        for other, provided in self._provided.items():
+            for held in provided.get(hook, ()):
+                clash = held.name == name
+                if hook == ADAPTER_HOOK:
+                    clash = clash or bool(set(held.model_types) & set(descriptor.model_types))
+                if clash:
                     raise PluginError(
-                        f"plugin {info.name!r} ({info.distribution}) returned {type(descriptor).__name__} from "
-                        f"{hook_name}; expected {expected.__name__}"
+                        f"provides {name!r} through {hook}, clashing with {held.name!r} of plugin {other!r} "
+                        f"({self.plugins[other].distribution}); uninstall one, or block one with {DISABLE_ENV}"
                     )
+
+    def _results(self, hook_name: str, expected: type):
+        """(descriptor, plugin) for everything the plugins returned from `hook_name`, in registration order."""
+        for name, info in self.plugins.items():
+            for descriptor in self._provided[name].get(hook_name, ()):
                 yield descriptor, info
 
     def _collect(self) -> dict[str, dict[str, Provided]]:
@@ -116,19 +191,6 @@ class Registry:
         methods: dict[str, dict[str, Provided]] = {stage: {} for stage in METHOD_KINDS}
         for stage, record in METHOD_KINDS.items():
             for method, info in self._results(record.hook, record.descriptor):
-                if method.name in methods[stage]:
-                    raise PluginError(_provided_twice(f"{stage} {method.name!r}", methods[stage][method.name].plugin, info))
-                unknown = set(getattr(method, "observes", ())) - set(OBSERVABLES)
-                if unknown:
-                    raise PluginError(
-                        f"plugin {info.name!r} ({info.distribution}): {stage} {method.name!r} observes "
-                        f"{', '.join(sorted(unknown))}; the cache can capture {', '.join(OBSERVABLES)}"
-                    )
-                if stage == EVICTION.name and not issubclass(method.spec, EvictionSpec):
-                    raise PluginError(
-                        f"plugin {info.name!r} ({info.distribution}): evictor {method.name!r} has the spec model "
-                        f"{method.spec.__name__}; an evictor's spec must subclass kvcompress.EvictionSpec"
-                    )
                 methods[stage][method.name] = Provided(method, info)
         self._methods = methods
         return methods
@@ -137,22 +199,9 @@ class Registry:
         """Model adapters by name. Adapters are not a spec stage: kvcompress.patch picks one by model type."""
         if self._adapters is not None:
             return dict(self._adapters)
-        adapters: dict[str, Provided] = {}
-        claimed: dict[str, Provided] = {}
-        for adapter, info in self._results(ADAPTER_HOOK, ModelAdapter):
-            if adapter.name in adapters:
-                raise PluginError(_provided_twice(f"model adapter {adapter.name!r}", adapters[adapter.name].plugin, info))
-            for model_type in sorted(adapter.model_types):
-                if model_type in claimed:
-                    other = claimed[model_type]
-                    raise PluginError(_provided_twice(
-                        f"an adapter for model type {model_type!r} ({other.method.name!r}, {adapter.name!r})",
-                        other.plugin, info,
-                    ))
-                claimed[model_type] = Provided(adapter, info)
-            adapters[adapter.name] = Provided(adapter, info)
-        self._adapters = adapters
-        return dict(adapters)
+        # registration refused a second adapter of one name or one model type
+        self._adapters = {adapter.name: Provided(adapter, info) for adapter, info in self._results(ADAPTER_HOOK, ModelAdapter)}
+        return dict(self._adapters)
 
     def adapter_for(self, model_type: str) -> ModelAdapter:
         """The adapter that handles `model_type`, or UnsupportedModelError saying how one is added."""
@@ -170,12 +219,7 @@ class Registry:
     def readers(self) -> list[Provided]:
         """Layer-level readers in registration order (kvcompress_readers); names are unique."""
         if self._readers is None:
-            found: dict[str, Provided] = {}
-            for reader, info in self._results("kvcompress_readers", ReaderMethod):
-                if reader.name in found:
-                    raise PluginError(_provided_twice(f"reader {reader.name!r}", found[reader.name].plugin, info))
-                found[reader.name] = Provided(reader, info)
-            self._readers = list(found.values())
+            self._readers = [Provided(reader, info) for reader, info in self._results(READER_HOOK, ReaderMethod)]
         return self._readers
 
     def names(self, stage: str) -> list[str]:
@@ -190,13 +234,6 @@ class Registry:
         if found is None:
             raise UnknownMethodError(unknown_method_message(stage, name, self.names(stage)))
         return found.method
-
-
-def _provided_twice(what: str, first: PluginInfo, second: PluginInfo) -> str:
-    return (
-        f"{what} is provided twice: by {first.distribution} (plugin {first.name!r}) and by {second.distribution} "
-        f"(plugin {second.name!r}). Uninstall one, or block one with {DISABLE_ENV}."
-    )
 
 
 def unknown_method_message(stage: str, name: str, installed: list[str]) -> str:
