@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from kvcompress.pipeline import EstimatorReader, LayerCodecs
 from kvcompress.runtime import Reader
+from kvcompress_kernels.decode import MAX_DECODE_ROWS, operand
 from kvcompress_kernels.dispatch import use_triton
-from kvcompress_scalar.decode_kernels import MAX_DECODE_ROWS, fused_decode_triton, operand
+from kvcompress_scalar.decode_kernels import fused_decode_triton
 
 
 class FusedScalarReader(Reader):
