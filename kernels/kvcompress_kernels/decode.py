@@ -9,9 +9,10 @@ keeping a running max, sum and weighted value sum; then `merge_splits`, the exac
   packed state by a `kernel_operand(state)` method (`operand` asks for it), so a plugin reading another plugin's
   values needs only this module, never that plugin;
 - `widened` (@triton.jit): such a role's float32 tile of tokens, in registers;
-- `finished_scores` / `online_softmax` / `store_split` (@triton.jit): softcap and bias, the running softmax
-  update, the split's normalized output;
-- the launchers' bookkeeping: split planning, the bias layout, the merge.
+- `program_rows` / `role_rows` / `softmax_start` / `attend_tile` / `store_split` (@triton.jit): a split program's
+  place, its rows of an Operand, the running softmax and its update by a tile of scores and values (scale,
+  softcap, bias, value mix), the split's normalized output;
+- the launchers' bookkeeping: split planning, the buffers, the bias layout, the merge.
 """
 
 from __future__ import annotations
@@ -126,6 +127,13 @@ def plan_splits(tokens: int, block: int, programs: int, device: torch.device, sp
     return -(-tokens // per_split), per_split
 
 
+def split_buffers(batch: int, heads: int, splits: int, n: int, dv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a split kernel writes (store_split): normalized outputs [b * h, splits, n, dv] and log-sum-exps
+    [b * h, splits, n], float32."""
+    parts = torch.empty(batch * heads, splits, n, dv, dtype=torch.float32, device=device)
+    return parts, torch.empty(batch * heads, splits, n, dtype=torch.float32, device=device)
+
+
 def bias_layout(bias: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
     """The reader's additive bias (broadcastable to [b, h, n, t]) as a float32 view of that shape, and its strides
     ((0, 0, 0, 0) without one)."""
@@ -196,27 +204,50 @@ if HAS_TRITON:
         return low + code.to(tl.float32) * step
 
     @triton.jit
-    def finished_scores(
-        s, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+    def program_rows(heads, n, BN: tl.constexpr):
+        """A split program's place in grid (batch x kv_heads, splits, query-row blocks): (bh, split, sequence, KV
+        head (64-bit, for base offsets), its query rows offs_n [BN], which of them exist)."""
+        bh = tl.program_id(0)
+        offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
+        return bh, tl.program_id(1), (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), offs_n, offs_n < n
+
+    @triton.jit
+    def role_rows(codes, scale, minimum, b, h, c_b, c_h, p_b, p_h):
+        """An Operand's codes, scale and minimum pointers moved to sequence b, KV head h."""
+        return codes + b * c_b + h * c_h, scale + b * p_b + h * p_h, minimum + b * p_b + h * p_h
+
+    @triton.jit
+    def softmax_start(BN: tl.constexpr, BDV: tl.constexpr):
+        """An empty running softmax: max -inf, sum 0, value sum 0 [BN, BDV] (attend_tile)."""
+        return tl.full([BN], float("-inf"), tl.float32), tl.zeros([BN], tl.float32), tl.zeros([BN, BDV], tl.float32)
+
+    @triton.jit
+    def attend_tile(
+        s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
+        v_codes, v_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
+        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, VALUE_FORMAT: tl.constexpr, VALUE_BITS: tl.constexpr,
+        VALUE_GROUP: tl.constexpr, VALUE_SCALE: tl.constexpr,
     ):
-        """Scores [BN, BT] as softmax takes them (kvcompress_kernels.partial.scores_partial): times the scale, then
-        softcap, then the reader's additive bias; tokens off live_t (past the split's end) are -inf."""
+        """One tile of raw scores <q, k> [BN, BT] and its tokens' values (an Operand's rows) into the running
+        softmax: (max, sum, value sum). Scores are multiplied by the scale, then softcapped, then biased
+        (kvcompress_kernels.partial.scores_partial's order); tokens off live_t (past the split's end) weigh
+        nothing. Every tile has a live token, so the max stays finite."""
         s = s * scale
         if SOFTCAP:
             # tanh(x) = 1 - 2 / (e^2x + 1), which saturates to +-1 (the interpreter lacks libdevice.tanh)
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         if HAS_BIAS:
             s += tl.load(bias_rows + offs_t[None, :] * m_t, mask=live_n[:, None] & live_t[None, :], other=0.0)
-        return tl.where(live_t[None, :], s, float("-inf"))
-
-    @triton.jit
-    def online_softmax(s, running_max, running_sum):
-        """One tile's step of the running softmax: (weights p [BN, BT], the factor alpha that rescales what was
-        accumulated, the new max, the new sum). Every tile has a live token, so the max stays finite."""
+        s = tl.where(live_t[None, :], s, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(s, axis=1))
         alpha = tl.exp(running_max - new_max)
         p = tl.exp(s - new_max[:, None])
-        return p, alpha, new_max, running_sum * alpha + tl.sum(p, axis=1)
+        v = widened(
+            v_codes, v_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_t, live_t, offs_v, live_v,
+            VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        return new_max, running_sum * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
     def store_split(parts_ptr, part_lse_ptr, acc, running_max, running_sum, bh, split, n, dv, offs_n, live_n, offs_v, live_v):

@@ -283,21 +283,22 @@ if HAS_TRITON:
     @triton.jit
     def qjl_tile_scores(
         q_rows, sq_rows, row_scale, live_n, offs_t, live_t,
-        signs_ptr, signs_t, norm_ptr, norm_t, channel_ptr, live_group, outlier_signs_ptr, outlier_signs_t,
+        signs_ptr, signs_t, norm_ptr, norm_t, channel_ptr, outliers, outlier_signs_ptr, outlier_signs_t,
         outlier_norm_ptr, outlier_norm_t, sketch_ptr,
-        d, m, m_out, outliers, scale_in, scale_out,
+        d, m, m_out, scale_in, scale_out,
         BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
     ):
         """Estimated <q, k> [BN, BT] of query rows against the keys offs_t of one (sequence, KV head), all in one
         outlier group. q_rows, sq_rows: [BN, 1] pointers at each row's query (fp32, d channels) and S q (m);
         row_scale: what S q is multiplied by to stay fp16-safe (divided out here); signs_ptr, norm_ptr, ...: that
-        head's rows, *_t elements apart; channel_ptr: the group's outlier indices (live_group: the group exists)."""
+        head's rows, *_t elements apart; channel_ptr: the group's `outliers` outlier indices (0 where the group does not
+        exist)."""
         norm = tl.load(norm_ptr + offs_t * norm_t, mask=live_t, other=0.0).to(tl.float32)
         inner = tl.zeros([BN, BT], dtype=tl.float32)
         inner_out = tl.zeros([BN, BT], dtype=tl.float32)
         if HAS_OUTLIERS:
             offs_o = tl.arange(0, BO)
-            live_o = (offs_o < outliers) & live_group
+            live_o = offs_o < outliers
             channel = tl.load(channel_ptr + offs_o, mask=live_o, other=0).to(tl.int32)
             q_out = tl.load(q_rows + channel[None, :], mask=live_n[:, None] & live_o[None, :], other=0.0)
             q_out = q_out.to(tl.float32) * row_scale[:, None]
@@ -348,9 +349,9 @@ if HAS_TRITON:
             scores = qjl_tile_scores(
                 q_rows, sq_rows, row_scale, live_n, offs_t, live_t,
                 signs_ptr + bh * t * (m // 8), m // 8, norm_ptr + bh * t, 1,
-                outlier_index_ptr + (bh * groups + g) * outliers, g < groups,
+                outlier_index_ptr + (bh * groups + g) * outliers, tl.where(g < groups, outliers, 0),
                 outlier_signs_ptr + bh * t * (m_out // 8), m_out // 8, outlier_norm_ptr + bh * t, 1, sketch_ptr,
-                d, m, m_out, outliers, scale_in, scale_out, BN, BT, BM, BO, HAS_OUTLIERS,
+                d, m, m_out, scale_in, scale_out, BN, BT, BM, BO, HAS_OUTLIERS,
             )
             tl.store(
                 out_ptr + (bh * n + offs_n[:, None]) * t + offs_t[None, :],

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from kvcompress_kernels.decode import (
-    NUM_STAGES, Operand, bias_layout, blank_operand, merge_splits, plan_splits, role_args, role_constexprs,
+    MAX_DECODE_ROWS, NUM_STAGES, Operand, bias_layout, blank_operand, merge_splits, plan_splits, role_args, role_constexprs,
+    split_buffers,
 )
 from kvcompress_kernels.dispatch import HAS_TRITON, block_size
 
@@ -77,8 +78,7 @@ def fused_decode_triton(
     block_rows, block_tokens, warps = _launch_shape(n, block_size(max(keys.dim, values.dim)))
     row_blocks = -(-n // block_rows)
     splits, per_split = plan_splits(tokens, block_tokens, batch * heads * row_blocks, device, splits)
-    parts = torch.empty(batch * heads, splits, n, values.dim, dtype=torch.float32, device=device)
-    part_lse = torch.empty(batch * heads, splits, n, dtype=torch.float32, device=device)
+    parts, part_lse = split_buffers(batch, heads, splits, n, values.dim, device)
     bias, bias_strides = bias_layout(bias, (batch, heads, n, tokens))
     query = query if query.stride(-1) == 1 else query.contiguous()
     _decode_split_kernel[(batch * heads, splits, row_blocks)](
@@ -111,7 +111,6 @@ def aot_cases() -> list:
     head_dim 64, 128 and 256 with an fp16 query and a bias, for a decode block of 16 query rows and the largest
     block (MAX_DECODE_ROWS rows, softcap on for kivi-4), split in two, so the merge compiles too."""
     from kvcompress_kernels.aot import AOTCase
-    from kvcompress_kernels.decode import MAX_DECODE_ROWS
 
     cases = []
     for dim in (64, 128, 256):
@@ -131,7 +130,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kvcompress_kernels.decode import finished_scores, fp8_halves, online_softmax, store_split, token_scale, widened
+    from kvcompress_kernels.decode import (
+        attend_tile, fp8_halves, program_rows, role_rows, softmax_start, store_split,
+        token_scale, widened,
+    )
 
     @triton.jit
     def _decode_split_kernel(
@@ -147,12 +149,7 @@ if HAS_TRITON:
         BN: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FP16_DOT: tl.constexpr,
     ):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = (bh % heads).to(tl.int64)
-        offs_n = tl.program_id(2) * BN + tl.arange(0, BN)
-        live_n = offs_n < n
+        bh, split, b, h, offs_n, live_n = program_rows(heads, n, BN)
         offs_k = tl.arange(0, BDK)
         live_k = offs_k < dk
         offs_v = tl.arange(0, BDV)
@@ -163,17 +160,11 @@ if HAS_TRITON:
         )
         if not FP16_DOT:
             q = q.to(tl.float32)
-        k_codes += b * kc_b + h * kc_h
-        k_scale += b * kp_b + h * kp_h
-        k_minimum += b * kp_b + h * kp_h
-        v_codes += b * vc_b + h * vc_h
-        v_scale += b * vp_b + h * vp_h
-        v_minimum += b * vp_b + h * vp_h
+        k_codes, k_scale, k_minimum = role_rows(k_codes, k_scale, k_minimum, b, h, kc_b, kc_h, kp_b, kp_h)
+        v_codes, v_scale, v_minimum = role_rows(v_codes, v_scale, v_minimum, b, h, vc_b, vc_h, vp_b, vp_h)
         bias_rows = bias_ptr + b * m_b + h * m_h + offs_n[:, None] * m_n
 
-        running_max = tl.full([BN], float("-inf"), tl.float32)
-        running_sum = tl.zeros([BN], tl.float32)
-        acc = tl.zeros([BN, BDV], tl.float32)
+        running_max, running_sum, acc = softmax_start(BN, BDV)
         start = split * per_split
         stop = tl.minimum(start + per_split, tokens)
         for first in range(start, stop, BT):
@@ -188,11 +179,9 @@ if HAS_TRITON:
                     live_k, KEY_FORMAT, KEY_BITS, KEY_GROUP, KEY_SCALE,
                 )
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            s = finished_scores(s, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t, HAS_BIAS, SOFTCAP)
-            p, alpha, running_max, running_sum = online_softmax(s, running_max, running_sum)
-            v = widened(
-                v_codes, vc_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_t, live_t, offs_v,
-                live_v, VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,
+            running_max, running_sum, acc = attend_tile(
+                s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
+                v_codes, vc_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
+                HAS_BIAS, SOFTCAP, VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,
             )
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         store_split(parts_ptr, part_lse_ptr, acc, running_max, running_sum, bh, split, n, dv, offs_n, live_n, offs_v, live_v)
