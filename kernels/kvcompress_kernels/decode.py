@@ -9,9 +9,10 @@ keeping a running max, sum and weighted value sum; then `merge_splits`, the exac
   packed state by a `kernel_operand(state)` method (`operand` asks for it), so a plugin reading another plugin's
   values needs only this module, never that plugin;
 - `widened` (@triton.jit): such a role's float32 tile of tokens, in registers;
-- `program_rows` / `role_rows` / `softmax_start` / `attend_tile` / `store_split` (@triton.jit): a split program's
-  place, its rows of an Operand, the running softmax and its update by a tile of scores and values (scale,
-  softcap, bias, value mix), the split's normalized output;
+- `program_rows` / `role_rows` / `split_start` / `softmax_step` (`attend_widened_tile`: with an Operand's values
+  mixed in) / `store_split` (@triton.jit): a split program's
+  place, its rows of an Operand, the running softmax and its update by a tile of scores and widened values
+  (scale, softcap, bias, value mix), the split's normalized output;
 - the launchers' bookkeeping: split planning, the buffers, the bias layout, the merge.
 """
 
@@ -217,21 +218,24 @@ if HAS_TRITON:
         return codes + b * c_b + h * c_h, scale + b * p_b + h * p_h, minimum + b * p_b + h * p_h
 
     @triton.jit
-    def softmax_start(BN: tl.constexpr, BDV: tl.constexpr):
-        """An empty running softmax: max -inf, sum 0, value sum 0 [BN, BDV] (attend_tile)."""
-        return tl.full([BN], float("-inf"), tl.float32), tl.zeros([BN], tl.float32), tl.zeros([BN, BDV], tl.float32)
+    def split_start(split, per_split, tokens, BN: tl.constexpr, BDV: tl.constexpr):
+        """A split program's tokens [start, stop) and its empty running softmax: max -inf, sum 0, value sum 0
+        [BN, BDV] (softmax_step)."""
+        start = split * per_split
+        stop = tl.minimum(start + per_split, tokens)
+        running_max = tl.full([BN], float("-inf"), tl.float32)
+        return start, stop, running_max, tl.zeros([BN], tl.float32), tl.zeros([BN, BDV], tl.float32)
 
     @triton.jit
-    def attend_tile(
-        s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
-        v_codes, v_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
-        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, VALUE_FORMAT: tl.constexpr, VALUE_BITS: tl.constexpr,
-        VALUE_GROUP: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    def softmax_step(
+        s, running_max, running_sum, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
+        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
-        """One tile of raw scores <q, k> [BN, BT] and its tokens' values (an Operand's rows) into the running
-        softmax: (max, sum, value sum). Scores are multiplied by the scale, then softcapped, then biased
-        (kvcompress_kernels.partial.scores_partial's order); tokens off live_t (past the split's end) weigh
-        nothing. Every tile has a live token, so the max stays finite."""
+        """One tile of raw scores <q, k> [BN, BT] into the running softmax: (weights p, the factor alpha that
+        rescales what was accumulated, the new max, the new sum); the caller adds p @ values to acc * alpha.
+        Scores are multiplied by the scale, then softcapped, then biased (kvcompress_kernels.partial.scores_partial's
+        order); tokens off live_t (past the split's end) weigh nothing. Every tile has a live token, so the max
+        stays finite."""
         s = s * scale
         if SOFTCAP:
             # tanh(x) = 1 - 2 / (e^2x + 1), which saturates to +-1 (the interpreter lacks libdevice.tanh)
@@ -242,12 +246,25 @@ if HAS_TRITON:
         new_max = tl.maximum(running_max, tl.max(s, axis=1))
         alpha = tl.exp(running_max - new_max)
         p = tl.exp(s - new_max[:, None])
+        return p, alpha, new_max, running_sum * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
+    def attend_widened_tile(
+        s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
+        v_codes, v_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
+        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, VALUE_FORMAT: tl.constexpr, VALUE_BITS: tl.constexpr,
+        VALUE_GROUP: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    ):
+        """softmax_step, then the values of an Operand's rows (v_*) widened (after the scores, so the two tiles
+        are not live at once) and mixed in: (max, sum, value sum)."""
+        p, alpha, running_max, running_sum = softmax_step(
+            s, running_max, running_sum, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t, HAS_BIAS, SOFTCAP,
+        )
         v = widened(
             v_codes, v_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_t, live_t, offs_v, live_v,
             VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,
         )
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        return new_max, running_sum * alpha + tl.sum(p, axis=1), acc
+        return running_max, running_sum, acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
 
     @triton.jit
     def store_split(parts_ptr, part_lse_ptr, acc, running_max, running_sum, bh, split, n, dv, offs_n, live_n, offs_v, live_v):

@@ -137,7 +137,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kvcompress_kernels.decode import (
-        attend_tile, program_rows, role_rows, softmax_start, store_split,
+        attend_widened_tile, program_rows, role_rows, split_start, store_split,
     )
     from kvcompress_qjl.kernels import qjl_tile_scores
 
@@ -169,9 +169,7 @@ if HAS_TRITON:
         offs_v = tl.arange(0, BDV)
         live_v = offs_v < dv
 
-        running_max, running_sum, acc = softmax_start(BN, BDV)
-        start = split * per_split
-        stop = tl.minimum(start + per_split, tokens)
+        start, stop, running_max, running_sum, acc = split_start(split, per_split, tokens, BN, BDV)
         for first in range(start, stop, group):  # split starts are whole groups, so a tile is one outlier group
             offs_t = first + tl.arange(0, BT)
             live_t = (tl.arange(0, BT) < group) & (offs_t < stop)
@@ -181,7 +179,7 @@ if HAS_TRITON:
                 outlier_signs_ptr, os_t, outlier_norm_ptr, on_t, sketch_ptr,
                 d, m, m_out, scale_in, scale_out, BN, BT, BM, BO, HAS_OUTLIERS,
             )
-            running_max, running_sum, acc = attend_tile(
+            running_max, running_sum, acc = attend_widened_tile(
                 s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
                 v_codes, vc_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
                 HAS_BIAS, SOFTCAP, VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,

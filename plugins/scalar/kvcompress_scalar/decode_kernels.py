@@ -131,7 +131,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from kvcompress_kernels.decode import (
-        attend_tile, fp8_halves, program_rows, role_rows, softmax_start, store_split,
+        attend_widened_tile, fp8_halves, program_rows, role_rows, split_start, store_split,
         token_scale, widened,
     )
 
@@ -164,9 +164,7 @@ if HAS_TRITON:
         v_codes, v_scale, v_minimum = role_rows(v_codes, v_scale, v_minimum, b, h, vc_b, vc_h, vp_b, vp_h)
         bias_rows = bias_ptr + b * m_b + h * m_h + offs_n[:, None] * m_n
 
-        running_max, running_sum, acc = softmax_start(BN, BDV)
-        start = split * per_split
-        stop = tl.minimum(start + per_split, tokens)
+        start, stop, running_max, running_sum, acc = split_start(split, per_split, tokens, BN, BDV)
         for first in range(start, stop, BT):
             offs_t = first + tl.arange(0, BT)
             live_t = offs_t < stop
@@ -179,7 +177,7 @@ if HAS_TRITON:
                     live_k, KEY_FORMAT, KEY_BITS, KEY_GROUP, KEY_SCALE,
                 )
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            running_max, running_sum, acc = attend_tile(
+            running_max, running_sum, acc = attend_widened_tile(
                 s, running_max, running_sum, acc, scale, softcap, bias_rows, m_t, offs_t, live_n, live_t,
                 v_codes, vc_t, v_scale, v_minimum, vp_t, v_levels, v_factor, v_bytes, offs_v, live_v,
                 HAS_BIAS, SOFTCAP, VALUE_FORMAT, VALUE_BITS, VALUE_GROUP, VALUE_SCALE,
