@@ -8,7 +8,7 @@ from kvcompress_kernels.aot import AOTCase, problems
 
 
 class TestSharedKernelsCompile(KernelCompileConformance):
-    modules = ("kvcompress_kernels.bitpack",)
+    modules = ("kvcompress_kernels.bitpack", "kvcompress_kernels.decode")
 
 
 def report(**fields) -> dict:

@@ -334,3 +334,33 @@ def test_one_dense_segment_longer_than_the_queries_is_causal_from_the_positions(
     out = attention.attend(query, [Segment(range(0, 7), keys, values)], 4, None, scaling=0.5)
     causal = torch.ones(3, 7, dtype=torch.bool).tril(4)[None, None]
     torch.testing.assert_close(out, naive_attention(query, keys, values, causal, 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_decode_reader_takes_its_kernel_only_for_triton_and_decode_sized_reads(monkeypatch, make_float_spec):
+    """kvcompress.pipeline.FusedDecodeReader, the base of the plugins' fused readers, decides where the kernel
+    runs; a reader whose kernel reads through the estimators records the reads it is given."""
+    from kvcompress.pipeline import EstimatorReader, FusedDecodeReader, build_codecs
+    from kvcompress_kernels.decode import MAX_DECODE_ROWS
+
+    calls = []
+
+    class Recording(FusedDecodeReader):
+        def fused(self, query, keys, values, bias, scale, softcap):
+            calls.append(query.shape[2])
+            return EstimatorReader.attend(self, query, keys, values, bias, scale, softcap)
+
+    codecs = build_codecs(kvcompress.parse_spec(make_float_spec(window=2)), num_layers=1, head_dim=16, kv_heads=2)[0]
+    reader = Recording(codecs.keys, codecs.values)
+    x = torch.randn(1, 2, 8, 16)
+    keys, values = codecs.keys.encode(x), codecs.values.encode(x)
+
+    def read(rows: int) -> None:
+        reader.attend(torch.randn(1, 2, rows, 16), keys, values, None, 0.25, None)
+
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    read(4)
+    assert calls == []
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "triton")
+    read(4)
+    read(MAX_DECODE_ROWS + 1)  # a prefill-sized block keeps the estimator path
+    assert calls == [4]

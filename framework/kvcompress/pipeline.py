@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -144,6 +145,34 @@ class EstimatorReader(Reader):
         scores = self.keys.scores(query, keys).float().mul_(scale)
         weights, lse = scores_partial(scores, bias, softcap)
         return self.values.mix(weights.to(query.dtype), values).float(), lse
+
+
+class FusedDecodeReader(EstimatorReader):
+    """A reader with a fused kernel for decode: `fused` where kvcompress_kernels.dispatch.use_triton says (CUDA
+    tensors, or KVCOMPRESS_KERNELS=triton) for decode-sized query blocks (at most MAX_DECODE_ROWS query rows per
+    KV head), the estimator path, which is the kernel's reference, elsewhere. The query goes through the keys'
+    codec first (kept channels, rotation) and the output through the values' codec after, once per read.
+
+    splits: programs sharing a head's tokens (None: enough to fill the GPU)."""
+
+    def __init__(self, keys: RoleCodec, values: RoleCodec, splits: int | None = None):
+        super().__init__(keys, values)
+        self.splits = splits
+
+    def attend(self, query, keys, values, bias, scale, softcap):  # typed and documented by Reader.attend
+        from kvcompress_kernels.decode import MAX_DECODE_ROWS
+        from kvcompress_kernels.dispatch import use_triton
+
+        if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or not use_triton(query):
+            return super().attend(query, keys, values, bias, scale, softcap)
+        out, lse = self.fused(self.keys.stored_query(query, keys), keys, values, bias, scale, softcap)
+        return self.values.restored_mix(out, values).float(), lse
+
+    @abstractmethod
+    def fused(self, query: torch.Tensor, keys: PackedState, values: PackedState, bias: torch.Tensor | None,
+              scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel: Reader.attend's contract for a query already in the keys' stored space, the output in the
+        values' stored space."""
 
 
 @dataclass

@@ -362,6 +362,78 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
+def reader_bias(keys: Any, rows: int, left_padding: int) -> torch.Tensor:
+    """The additive bias attention hands a reader of a TokenStore `keys` for `rows` query rows: each head's
+    padding rows, sequence 1's first `left_padding` tokens, and the last query row's final 3 tokens hidden."""
+    from kvcompress_kernels.partial import bias_from_mask
+
+    visible = ~keys.padding()[:, :, None, :].expand(-1, -1, rows, -1).clone()
+    visible[1, :, :, :left_padding] = False
+    visible[:, :, -1, -3:] = False
+    return bias_from_mask(visible)
+
+
+def assert_fused_read_matches(
+    reader: Any, keys: Any, values: Any, head_dim: int, rows: int, *, splits: int | None = None,
+    softcap: float | None = None, dtype: torch.dtype = torch.float32, seed: int = 0, tolerance: float = 2e-5,
+) -> None:
+    """A fused reader (kvcompress.pipeline.FusedDecodeReader) with KVCOMPRESS_KERNELS=triton reads TokenStores
+    `keys` and `values` (on the kernels' device) for `rows` random query rows of `dtype` and `head_dim` channels
+    per KV head, under reader_bias (padding rows, left padding, a row's last tokens hidden), as its estimators do
+    in float32 on the CPU: output and log-sum-exp float32, within `tolerance` (1e-4 for a half-precision query).
+    The estimator path rounds scores and weights to the query's dtype; the kernels keep float32 throughout (a half
+    query is exact in float32), so they are held to the estimators' float32 read."""
+    from kvcompress.pipeline import EstimatorReader
+
+    keys_state, values_state = keys.view(), values.view()
+    batch, heads = keys_state.tensors[next(iter(keys_state.tensors))].shape[:2]
+    gen = torch.Generator().manual_seed(seed + 1)
+    query = (torch.randn(batch, heads, rows, head_dim, generator=gen) * 2).to(dtype)
+    bias = reader_bias(keys, rows, left_padding=5)
+    scale = head_dim**-0.5
+    reader.splits = splits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCOMPRESS_KERNELS", "triton")
+        out, lse = reader.attend(query.to(bias.device), keys_state, values_state, bias, scale, softcap)
+    cpu = lambda state: state.map(lambda t: t.cpu())
+    expected, expected_lse = EstimatorReader(reader.keys, reader.values).attend(
+        query.float(), cpu(keys_state), cpu(values_state), bias.cpu(), scale, softcap
+    )
+    tolerance = tolerance if dtype == torch.float32 else max(tolerance, 1e-4)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse.cpu(), expected_lse, atol=tolerance, rtol=tolerance)
+
+
+def assert_fused_generation_matches(
+    monkeypatch: pytest.MonkeyPatch, spec: dict, module: object, launcher: str, device: torch.device
+) -> None:
+    """A tiny Llama (head_dim 16, 2 query heads per KV head; two left-padded sequences) generating with `spec` and
+    KVCOMPRESS_KERNELS=triton reaches the fused kernel launcher `module.<launcher>` (a reader module's name for
+    it) and gives the tokens, and within 1e-4 the logits, that KVCOMPRESS_KERNELS=torch gives."""
+    import kvcompress
+
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(5)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    calls = []
+    real = getattr(module, launcher)
+    monkeypatch.setattr(module, launcher, lambda *args: calls.append(1) or real(*args))
+    results = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
+        results[kernels] = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=kvcompress.cache_for(model, spec),
+            output_logits=True, return_dict_in_generate=True,
+        )
+    assert calls, f"the triton run never reached {launcher}"
+    assert results["triton"].sequences.tolist() == results["torch"].sequences.tolist()
+    torch.testing.assert_close(
+        torch.stack(results["triton"].logits), torch.stack(results["torch"].logits), atol=1e-4, rtol=1e-4
+    )
+
+
 def adapter_rope_views(
     model: torch.nn.Module, ids: torch.Tensor, prompt: int, registry: Registry | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

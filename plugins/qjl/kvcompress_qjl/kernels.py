@@ -262,12 +262,12 @@ if HAS_TRITON:
         _store_sketch(x, sketch_ptr, m, signs_ptr, norm_ptr, bh, t, offs_t, live_t, offs_d, d, BT, BR)
 
     @triton.jit
-    def _unpacked_signs(packed_ptr, offs_t, live_t, first, rows, BR: tl.constexpr):
-        """+1/-1 fp16 [BT, BR] of sketch rows first..first+BR of tokens offs_t (0 outside the live range): exact
-        in fp16, so they feed tensor-core dots."""
+    def _unpacked_signs(packed_ptr, row_stride, offs_t, live_t, first, rows, BR: tl.constexpr):
+        """+1/-1 fp16 [BT, BR] of sketch rows first..first+BR of tokens offs_t (0 outside the live range), rows
+        row_stride bytes apart: exact in fp16, so they feed tensor-core dots."""
         offs_r = first + tl.arange(0, BR)
         live = live_t[:, None] & (offs_r[None, :] < rows)
-        byte = tl.load(packed_ptr + offs_t[:, None] * (rows // 8) + offs_r[None, :] // 8, mask=live, other=0)
+        byte = tl.load(packed_ptr + offs_t[:, None] * row_stride + offs_r[None, :] // 8, mask=live, other=0)
         bit = (byte.to(tl.int32) >> (offs_r[None, :] % 8)) & 1
         return tl.where(live, bit.to(tl.float16) * 2.0 - 1.0, 0.0).to(tl.float16)
 
@@ -281,6 +281,54 @@ if HAS_TRITON:
         return tl.dot(hi, tl.trans(signs), acc)
 
     @triton.jit
+    def qjl_tile_scores(
+        q_rows, sq_rows, row_scale, live_n, offs_t, live_t,
+        signs_ptr, signs_t, norm_ptr, norm_t, channel_ptr, outliers, outlier_signs_ptr, outlier_signs_t,
+        outlier_norm_ptr, outlier_norm_t, sketch_ptr,
+        d, m, m_out, scale_in, scale_out,
+        BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    ):
+        """Estimated <q, k> [BN, BT] of query rows against the keys offs_t of one (sequence, KV head), all in one
+        outlier group. q_rows, sq_rows: [BN, 1] pointers at each row's query (fp32, d channels) and S q (m);
+        row_scale: what S q is multiplied by to stay fp16-safe (divided out here); signs_ptr, norm_ptr, ...: that
+        head's rows, *_t elements apart; channel_ptr: the group's `outliers` outlier indices (0 where the group does not
+        exist)."""
+        norm = tl.load(norm_ptr + offs_t * norm_t, mask=live_t, other=0.0).to(tl.float32)
+        inner = tl.zeros([BN, BT], dtype=tl.float32)
+        inner_out = tl.zeros([BN, BT], dtype=tl.float32)
+        if HAS_OUTLIERS:
+            offs_o = tl.arange(0, BO)
+            live_o = offs_o < outliers
+            channel = tl.load(channel_ptr + offs_o, mask=live_o, other=0).to(tl.int32)
+            q_out = tl.load(q_rows + channel[None, :], mask=live_n[:, None] & live_o[None, :], other=0.0)
+            q_out = q_out.to(tl.float32) * row_scale[:, None]
+        # the sketch rows BM at a time: what is staged per step stays small whatever the sketch size
+        for start in range(0, m, BM):
+            offs_m = start + tl.arange(0, BM)
+            sq = tl.load(sq_rows + offs_m[None, :], mask=live_n[:, None] & (offs_m[None, :] < m), other=0.0)
+            sq = sq * row_scale[:, None]
+            if HAS_OUTLIERS:
+                # S q_out from the group's outlier columns only: [BN, BO] x [BO, BM]; S q_in = S q - S q_out,
+                # and the outlier sketch S' is the first m' rows of S, so S' q_out is the same product
+                columns = tl.load(
+                    sketch_ptr + offs_m[None, :] * d + channel[:, None],
+                    mask=live_o[:, None] & (offs_m[None, :] < m),
+                    other=0.0,
+                )
+                sq_out = tl.dot(q_out, columns, input_precision="ieee")
+                sq = sq - sq_out
+                if start < m_out:
+                    signs_out = _unpacked_signs(outlier_signs_ptr, outlier_signs_t, offs_t, live_t, start, m_out, BM)
+                    inner_out = _signed_sum(inner_out, sq_out, signs_out)
+            signs = _unpacked_signs(signs_ptr, signs_t, offs_t, live_t, start, m, BM)
+            inner = _signed_sum(inner, sq, signs)
+        scores = scale_in * inner * norm[None, :]
+        if HAS_OUTLIERS:
+            norm_out = tl.load(outlier_norm_ptr + offs_t * outlier_norm_t, mask=live_t, other=0.0).to(tl.float32)
+            scores += scale_out * inner_out * norm_out[None, :]
+        return scores / row_scale[:, None]
+
+    @triton.jit
     def _qjl_scores_kernel(
         query_ptr, sq_ptr, row_scale_ptr, signs_ptr, norm_ptr, outlier_index_ptr, outlier_signs_ptr,
         outlier_norm_ptr, sketch_ptr, out_ptr,
@@ -291,7 +339,6 @@ if HAS_TRITON:
         bh = tl.program_id(0).to(tl.int64)
         offs_n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
         live_n = offs_n < n
-        # S q (computed by the launcher) in fp16-safe units: every S q, S q_in, S q_out of a row is below 2**14
         row_scale = tl.load(row_scale_ptr + bh * n + offs_n, mask=live_n, other=1.0)
         q_rows = query_ptr + (bh * n + offs_n[:, None]) * d
         sq_rows = sq_ptr + (bh * n + offs_n[:, None]) * m
@@ -299,45 +346,29 @@ if HAS_TRITON:
         for g in range(first, first + groups_per_program):
             offs_t = g * group + tl.arange(0, BT)
             live_t = (tl.arange(0, BT) < group) & (offs_t < t)  # offs_t < t also rules out g >= groups
-            norm = tl.load(norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
-            inner = tl.zeros([BN, BT], dtype=tl.float32)
-            inner_out = tl.zeros([BN, BT], dtype=tl.float32)
-            if HAS_OUTLIERS:
-                offs_o = tl.arange(0, BO)
-                live_o = (offs_o < outliers) & (tl.full([BO], g, tl.int32) < groups)
-                channel = tl.load(outlier_index_ptr + (bh * groups + g) * outliers + offs_o, mask=live_o, other=0)
-                channel = channel.to(tl.int32)
-                q_out = tl.load(q_rows + channel[None, :], mask=live_n[:, None] & live_o[None, :], other=0.0)
-                q_out = q_out.to(tl.float32) * row_scale[:, None]
-            # the sketch rows BM at a time: what is staged per step stays small whatever the sketch size
-            for start in range(0, m, BM):
-                offs_m = start + tl.arange(0, BM)
-                sq = tl.load(sq_rows + offs_m[None, :], mask=live_n[:, None] & (offs_m[None, :] < m), other=0.0)
-                sq = sq * row_scale[:, None]
-                if HAS_OUTLIERS:
-                    # S q_out from the group's outlier columns only: [BN, BO] x [BO, BM]; S q_in = S q - S q_out,
-                    # and the outlier sketch S' is the first m' rows of S, so S' q_out is the same product
-                    columns = tl.load(
-                        sketch_ptr + offs_m[None, :] * d + channel[:, None],
-                        mask=live_o[:, None] & (offs_m[None, :] < m),
-                        other=0.0,
-                    )
-                    sq_out = tl.dot(q_out, columns, input_precision="ieee")
-                    sq = sq - sq_out
-                    if start < m_out:
-                        signs_out = _unpacked_signs(outlier_signs_ptr + bh * t * (m_out // 8), offs_t, live_t, start, m_out, BM)
-                        inner_out = _signed_sum(inner_out, sq_out, signs_out)
-                signs = _unpacked_signs(signs_ptr + bh * t * (m // 8), offs_t, live_t, start, m, BM)
-                inner = _signed_sum(inner, sq, signs)
-            scores = scale_in * inner * norm[None, :]
-            if HAS_OUTLIERS:
-                norm_out = tl.load(outlier_norm_ptr + bh * t + offs_t, mask=live_t, other=0.0).to(tl.float32)
-                scores += scale_out * inner_out * norm_out[None, :]
+            scores = qjl_tile_scores(
+                q_rows, sq_rows, row_scale, live_n, offs_t, live_t,
+                signs_ptr + bh * t * (m // 8), m // 8, norm_ptr + bh * t, 1,
+                outlier_index_ptr + (bh * groups + g) * outliers, tl.where(g < groups, outliers, 0),
+                outlier_signs_ptr + bh * t * (m_out // 8), m_out // 8, outlier_norm_ptr + bh * t, 1, sketch_ptr,
+                d, m, m_out, scale_in, scale_out, BN, BT, BM, BO, HAS_OUTLIERS,
+            )
             tl.store(
                 out_ptr + (bh * n + offs_n[:, None]) * t + offs_t[None, :],
-                scores / row_scale[:, None],
+                scores,
                 mask=live_n[:, None] & live_t[None, :],
             )
+
+
+def sketched_query(query: torch.Tensor, sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the score kernels read of a query [..., d]: (the query, S q [..., m], row scale [...]), float32 and
+    contiguous; S q is one matmul. The row scale is a power of two bringing |q| max|s| (which bounds S q, S q_in
+    and S q_out of a row) below 2**14, where fp16 parts stay finite: exact, and divided out by the kernels."""
+    q = query.float().contiguous()
+    sketch = sketch.float()
+    bound = q.norm(dim=-1) * sketch.norm(dim=-1).max()
+    row_scale = torch.ldexp(torch.ones_like(bound), (14 - torch.frexp(bound).exponent).clamp(-126, 126))
+    return q, q @ sketch.T, row_scale
 
 
 def qjl_quantize_triton(
@@ -406,12 +437,7 @@ def qjl_scores_triton(
     outliers = outlier_index.shape[3] if has_outliers else 0
     out = torch.empty(b, h, n, t, dtype=torch.float32, device=query.device)
     if b * h * n * t:
-        q = query.float().contiguous()
-        sq = q @ sketch.T
-        # |<s, q>| <= |s| |q| bounds S q, S q_in and S q_out of a row: a power of two brings that bound below
-        # 2**14, where fp16 parts stay finite (exact scaling; the kernel divides it out)
-        bound = q.norm(dim=-1) * sketch.norm(dim=-1).max()
-        row_scale = torch.ldexp(torch.ones_like(bound), (14 - torch.frexp(bound).exponent).clamp(-126, 126))
+        q, sq, row_scale = sketched_query(query, sketch)
         blank = codes.signs
         grid = (b * h, triton.cdiv(n, block_queries), triton.cdiv(groups, groups_per_program))
         _qjl_scores_kernel[grid](

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, hookimpl
+from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, hookimpl
 
 
 class QJLSpec(MethodSpec):
@@ -72,6 +72,12 @@ def make_estimator(spec: QJLEstimatorSpec, ctx: LayerContext):
     return QJLEstimator(ctx.quantizer)
 
 
+def make_fused_reader(codecs, ctx: LayerContext):
+    from kvcompress_qjl.reader import FusedQJLReader
+
+    return FusedQJLReader(codecs)
+
+
 @hookimpl
 def kvcompress_quantizers() -> list[QuantizerMethod]:
     return [
@@ -89,5 +95,17 @@ def kvcompress_estimators() -> list[EstimatorMethod]:
             name="qjl", spec=QJLEstimatorSpec, factory=make_estimator,
             description=" ".join(QJLEstimatorSpec.__doc__.split()),
             quantizers=frozenset({"qjl"}), roles=frozenset({"keys"}),
+        )
+    ]
+
+
+@hookimpl
+def kvcompress_readers() -> list[ReaderMethod]:
+    # the values' method names are the scalar plugin's: named here, never imported (their state is read through
+    # kvcompress_kernels.decode)
+    return [
+        ReaderMethod(
+            name="qjl-fused", factory=make_fused_reader, keys=frozenset({"qjl"}), values=frozenset({"scalar", "fp8"}),
+            description="fused Triton decode attention over QJL keys and scalar or fp8 values (CUDA)",
         )
     ]

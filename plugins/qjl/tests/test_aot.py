@@ -4,4 +4,4 @@ from kvcompress.testing import KernelCompileConformance
 
 
 class TestQJLKernelsCompile(KernelCompileConformance):
-    modules = ("kvcompress_qjl.kernels",)
+    modules = ("kvcompress_qjl.kernels", "kvcompress_qjl.decode_kernels")

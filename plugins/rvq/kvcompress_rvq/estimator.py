@@ -31,12 +31,7 @@ class LUTEstimator(Estimator):
 
     def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         rvq = self.rvq
-        b, h, n, _ = query.shape
-        codebooks = rvq.codebooks_on(query.device)
-        query_groups = rvq.grouping.split(query.float())  # [b, h, n, groups, group]
-        tables = torch.einsum("bhnjg,lcg->bhnjlc", query_groups, codebooks)
-        tables = tables.reshape(b, h, n, rvq.codes_per_token, rvq.codebook_size)
-        return lut_scores(tables, state.tensors["codes"], state.tensors["scale"], rvq.bits).to(query.dtype)
+        return lut_scores(rvq.tables(query), state.tensors["codes"], state.tensors["scale"], rvq.bits).to(query.dtype)
 
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         rvq = self.rvq

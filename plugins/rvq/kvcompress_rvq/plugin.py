@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from kvcompress import CodebookMethod, EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, hookimpl
+from kvcompress import (
+    CodebookMethod, EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, hookimpl,
+)
 
 
 class RVQSpec(MethodSpec):
@@ -100,6 +102,12 @@ def _summary(doc: str | None) -> str:
     return " ".join((doc or "").split("\n\n")[0].split())
 
 
+def make_fused_reader(codecs, ctx: LayerContext):
+    from kvcompress_rvq.reader import FusedRVQReader
+
+    return FusedRVQReader(codecs)
+
+
 @hookimpl
 def kvcompress_quantizers() -> list[QuantizerMethod]:
     return [
@@ -123,5 +131,15 @@ def kvcompress_codebooks() -> list[CodebookMethod]:
         CodebookMethod(
             name="kmeans", spec=KMeansSpec, factory=load_codebooks, description=_summary(KMeansSpec.__doc__),
             quantizers=frozenset({"rvq"}), learn=learn_codebooks,
+        )
+    ]
+
+
+@hookimpl
+def kvcompress_readers() -> list[ReaderMethod]:
+    return [
+        ReaderMethod(
+            name="rvq-fused", factory=make_fused_reader, keys=frozenset({"rvq"}), values=frozenset({"rvq"}),
+            description="fused Triton decode attention over RVQ keys and values through lookup tables (CUDA)",
         )
     ]

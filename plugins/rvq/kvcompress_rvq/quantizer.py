@@ -141,6 +141,13 @@ class RVQQuantizer(Quantizer):
             self._on_device[device] = self.codewords.to(device).float()
         return self._on_device[device]
 
+    def tables(self, query: torch.Tensor) -> torch.Tensor:
+        """Lookup tables of queries [b, h, n, head_dim]: float32 [b, h, n, codes per token, codebook size], entry
+        (group j, level l, c) = <the query's group j, codeword c of level l> (what the lookup-table scores read)."""
+        b, h, n, _ = query.shape
+        tables = torch.einsum("bhnjg,lcg->bhnjlc", self.grouping.split(query.float()), self.codebooks_on(query.device))
+        return tables.reshape(b, h, n, self.codes_per_token, self.codebook_size)
+
     def encode(self, x: torch.Tensor) -> PackedState:
         b, h, t, d = x.shape
         if d != self.grouping.head_dim:

@@ -4,4 +4,4 @@ from kvcompress.testing import KernelCompileConformance
 
 
 class TestRVQKernelsCompile(KernelCompileConformance):
-    modules = ("kvcompress_rvq.kernels",)
+    modules = ("kvcompress_rvq.kernels", "kvcompress_rvq.decode_kernels")

@@ -11,6 +11,7 @@ import math
 import torch
 
 from kvcompress_kernels.bitpack import pack_bits, packed_length, unpack_bits
+from kvcompress_kernels.decode import Operand
 from kvcompress.runtime import Quantizer, Transform
 from kvcompress.state import PackedState
 
@@ -136,6 +137,14 @@ class MinMaxQuantizer(Quantizer):
         minimum = state.tensors["minimum"].float().unsqueeze(dim)
         return _to_state_dtype((minimum + grouped * scale).reshape(codes.shape), state.dtype)
 
+    def kernel_operand(self, state: PackedState) -> Operand:
+        """How the fused decode kernels read `state` (kvcompress_kernels.decode)."""
+        t = state.tensors
+        return Operand(
+            f"minmax-{self.axis}", self.bits, self.group, state.head_dim, t["codes"], t["scale"], t["minimum"],
+            torch.empty(0, dtype=torch.float32, device=t["codes"].device),
+        )
+
     def bits_per_element(self, head_dim: int) -> float:
         return _code_bits_per_element(self.bits, head_dim) + 32 / self.group
 
@@ -189,6 +198,15 @@ class LloydMaxQuantizer(Quantizer):
         radius = state.tensors["norm"].float().unsqueeze(-1) / math.sqrt(self.group)
         return _to_state_dtype((values * radius).reshape(b, h, t, d), state.dtype)
 
+    def kernel_operand(self, state: PackedState) -> Operand:
+        """How the fused decode kernels read `state` (kvcompress_kernels.decode)."""
+        t = state.tensors
+        device = t["codes"].device
+        return Operand(
+            "lloyd-max", self.bits, self.group, state.head_dim, t["codes"], t["norm"],
+            torch.empty(0, dtype=torch.float16, device=device), self.levels_on(device), factor=1 / math.sqrt(self.group),
+        )
+
     def constants(self) -> dict[str, torch.Tensor]:
         return {"levels": self.levels}
 
@@ -222,6 +240,17 @@ class FP8Quantizer(Quantizer):
         if self.per_token_scale:
             values = values * state.tensors["scale"].float().unsqueeze(-1)
         return _to_state_dtype(values, state.dtype)
+
+    def kernel_operand(self, state: PackedState) -> Operand:
+        """How the fused decode kernels read `state` (kvcompress_kernels.decode): e4m3 bytes as uint8."""
+        t = state.tensors
+        device = t["codes"].device
+        scale = t.get("scale")
+        blank = torch.empty(0, dtype=torch.float16, device=device)
+        return Operand(
+            "fp8", 8, 1, state.head_dim, t["codes"].view(torch.uint8), blank if scale is None else scale, blank,
+            torch.empty(0, dtype=torch.float32, device=device), has_scale=scale is not None,
+        )
 
     def bits_per_element(self, head_dim: int) -> float:
         return 8.0 + (16 / head_dim if self.per_token_scale else 0.0)

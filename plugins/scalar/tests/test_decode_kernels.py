@@ -5,7 +5,6 @@ On CUDA the kernels run on the GPU; elsewhere under TRITON_INTERPRET=1 (conftest
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from kvcompress import parse_spec
 from kvcompress.pipeline import build_codecs
 from kvcompress.runtime import Observation
 from kvcompress.store import TokenStore
-from kvcompress.testing import tiny_model
-from kvcompress_kernels.partial import bias_from_mask
+from kvcompress.testing import assert_fused_generation_matches, assert_fused_read_matches
 from kvcompress_scalar import reader as reader_module
-from kvcompress_scalar.decode_kernels import MAX_DECODE_ROWS, SPEC_PAIRS, compile_cases, fused_decode_triton, operand
+from kvcompress_kernels.decode import operand
+from kvcompress_scalar.decode_kernels import SPEC_PAIRS, fused_decode_triton
 from kvcompress_scalar.reader import FusedScalarReader
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,35 +74,12 @@ def make_layer(pair: str, head_dim: int, kv_heads: int, tokens: int, seed: int, 
     return Layer(layer.reader, *stores)
 
 
-def read_bias(layer: Layer, rows: int, left_padding: int) -> torch.Tensor:
-    """The additive bias attention hands a reader: the padding rows of heads holding fewer tokens, sequence
-    1's first `left_padding` tokens hidden, and (per query row) the last row's final tokens hidden."""
-    visible = ~layer.keys.padding()[:, :, None, :].expand(-1, -1, rows, -1).clone()
-    visible[1, :, :, :left_padding] = False
-    visible[:, :, -1, -3:] = False
-    return bias_from_mask(visible)
-
-
 def check(pair: str, head_dim: int, groups: int, queries: int, tokens: int, *, splits=None, softcap=None,
           dtype=torch.float32, seed=0) -> None:
     layer = make_layer(pair, head_dim, kv_heads=2, tokens=tokens, seed=seed, dtype=dtype)
-    rows = groups * queries
-    gen = torch.Generator().manual_seed(seed + 1)
-    query = (torch.randn(2, 2, rows, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
-    bias = read_bias(layer, rows, left_padding=5)
-    keys, values = layer.keys.view(), layer.values.view()
-    scale = head_dim**-0.5
-    layer.reader.splits = splits
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KVCOMPRESS_KERNELS", "triton")
-        out, lse = layer.reader.attend(query, keys, values, bias, scale, softcap)
-    # The estimator path rounds scores and weights to the query's dtype; the kernels keep float32 throughout
-    # (an fp16 query is exact in float32, and so are fp16 products), so they are held to its float32 read.
-    expected, expected_lse = layer.reader.estimators.attend(query.float(), keys, values, bias, scale, softcap)
-    tolerance = {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-4}
-    assert out.dtype == lse.dtype == torch.float32
-    torch.testing.assert_close(out, expected, **tolerance)
-    torch.testing.assert_close(lse, expected_lse, **tolerance)
+    assert_fused_read_matches(
+        layer.reader, layer.keys, layer.values, head_dim, groups * queries, splits=splits, softcap=softcap, dtype=dtype, seed=seed
+    )
 
 
 # (pair, head_dim, query heads per KV head, query tokens, tokens stored): every pair at every head_dim,
@@ -155,26 +131,6 @@ def test_a_query_in_the_wrong_space_is_refused():
         fused_decode_triton(query, keys_operand, values_operand, None, 1.0, None)
 
 
-@pytest.mark.triton
-def test_the_reader_takes_the_kernels_only_for_triton_and_decode_sized_reads(monkeypatch):
-    layer = make_layer("kivi-4", 64, kv_heads=2, tokens=64, seed=0)
-    calls = []
-    real = reader_module.fused_decode_triton
-    monkeypatch.setattr(reader_module, "fused_decode_triton", lambda *a: calls.append(a[0].shape[2]) or real(*a))
-    keys, values = layer.keys.view(), layer.values.view()
-
-    def read(rows: int) -> None:
-        layer.reader.attend(torch.randn(2, 2, rows, 64, device=DEVICE), keys, values, None, 0.125, None)
-
-    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
-    read(4)
-    assert calls == []
-    monkeypatch.setenv("KVCOMPRESS_KERNELS", "triton")
-    read(4)
-    read(MAX_DECODE_ROWS + 1)  # a prefill-sized block keeps the estimator path
-    assert calls == [4]
-
-
 @pytest.mark.parametrize("spec", SHIPPED)
 def test_shipped_scalar_specs_get_the_fused_reader(spec):
     layers = build_codecs(kvcompress.load_spec(SPECS / f"{spec}.yaml"), num_layers=2, head_dim=64, kv_heads=2)
@@ -186,18 +142,7 @@ def test_the_compiled_pairs_are_the_shipped_specs(spec):
     layer = build_codecs(kvcompress.load_spec(SPECS / f"{spec}.yaml"), num_layers=1, head_dim=64, kv_heads=1)[0]
     for codec, expected in zip((layer.keys, layer.values), SPEC_PAIRS[spec]):
         read = operand(codec.quantizer, codec.encode(torch.randn(1, 1, codec.token_block, 64)))
-        assert (read.format, read.bits, read.group, read.has_scale) == expected
-
-
-def test_compile_cases_type_every_argument_and_fix_every_constexpr():
-    """What an ahead-of-time triton.compile needs of each case (the kernels compile for sm_80 and sm_90)."""
-    cases = compile_cases()
-    assert len({case.kernel for case in cases}) == 2  # the split kernel and the merge
-    for case in cases:
-        params = inspect.signature(case.kernel.fn).parameters
-        constexprs = {name for name, param in params.items() if "constexpr" in str(param.annotation)}
-        assert list(case.signature) == list(params)
-        assert set(case.constexprs) == constexprs == {n for n, kind in case.signature.items() if kind == "constexpr"}
+        assert read.key == expected
 
 
 def test_a_pair_with_another_family_keeps_the_default_reader():
@@ -212,29 +157,10 @@ def test_a_pair_with_another_family_keeps_the_default_reader():
 @pytest.mark.triton
 @pytest.mark.parametrize("values", [{**KIVI_VALUES, "bits": 2, "group": 8}, {"method": "fp8"}], ids=["kivi", "fp8"])
 def test_generation_through_the_fused_reader_matches_the_torch_reader(monkeypatch, values):
-    """A tiny model (head_dim 16, 2 query heads per KV head) generating with KVCOMPRESS_KERNELS=triton reads
-    its packed middle through the kernels; the tokens equal, and the logits match, the torch path's."""
+    """A tiny model generating with KVCOMPRESS_KERNELS=triton reads its packed middle through the kernels and
+    generates what the torch path does."""
     spec = {
         "name": "fused", "window": 4, "compress_run": 8,
         "keys": {"quantizer": {**KIVI, "bits": 4, "group": 8}}, "values": {"quantizer": values},
     }
-    model = tiny_model("llama").to(DEVICE)
-    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    calls = []
-    real = reader_module.fused_decode_triton
-    monkeypatch.setattr(reader_module, "fused_decode_triton", lambda *a: calls.append(1) or real(*a))
-    results = {}
-    for kernels in ("torch", "triton"):
-        monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
-        cache = kvcompress.cache_for(model, spec)
-        results[kernels] = model.generate(
-            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache,
-            output_logits=True, return_dict_in_generate=True,
-        )
-    assert calls, "the triton run never reached the fused kernels"
-    assert results["triton"].sequences.tolist() == results["torch"].sequences.tolist()
-    torch.testing.assert_close(
-        torch.stack(results["triton"].logits), torch.stack(results["torch"].logits), atol=1e-4, rtol=1e-4
-    )
+    assert_fused_generation_matches(monkeypatch, spec, reader_module, "fused_decode_triton", torch.device(DEVICE))
