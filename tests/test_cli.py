@@ -107,3 +107,11 @@ def test_validate_against_a_model_shape_gives_spec_errors_with_field_paths(tmp_p
     spec.write_text("name: fits\nkeys: {quantizer: {method: float}}\nvalues: {quantizer: {method: float}}\n")
     assert main(["validate", "--model", str(tmp_path / "model"), str(spec)]) == 0
     assert "ok (fits, for " in capsys.readouterr().out
+
+
+def test_bad_output_paths_and_sizes_are_usage_errors(tmp_path, capsys):
+    assert main(["schema", "--out", str(tmp_path / "missing" / "schema.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main(["roundtrip", str(SPECS[0]), "--head-dim", "0"])
+    assert raised.value.code == 2 and "--head-dim: must be at least 1, got 0" in capsys.readouterr().err

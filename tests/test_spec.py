@@ -218,6 +218,10 @@ def test_hostile_spec_files_fail_fast_with_a_short_message(tmp_path):
     latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(SpecError, match="not UTF-8"):
         load_spec(latin)
+    for name, text in (("dup.yaml", "name: a\nname: b\n"), ("dup.json", '{"name": "a", "name": "b"}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SpecError, match="the key 'name' appears twice"):
+            load_spec(tmp_path / name)
     long_value = tmp_path / "long.yaml"
     long_value.write_text("name: x\nwindow: '" + "9" * 10000 + "'\nkeys: {quantizer: {method: float}}\nvalues: {quantizer: {method: float}}\n")
     with pytest.raises(SpecError) as info:

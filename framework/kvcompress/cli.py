@@ -18,6 +18,17 @@ USAGE_ERRORS = (SpecError, UnknownMethodError, PluginError)
 DELEGATED = {"eval": "kvcompress.eval.command", "calibrate": "kvcompress.calibrate"}
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse turns the error into exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
     rows = []
     for info in list(registry.plugins.values()) + registry.failed:
@@ -96,7 +107,11 @@ def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
     else:
         text = json.dumps(json_schema(registry), indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        try:
+            Path(args.out).write_text(text + "\n")
+        except OSError as exc:
+            print(f"kvcompress: error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     else:
         print(text)
@@ -168,9 +183,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("roundtrip", help="encode/decode random tensors with each spec: bits per element and error")
     p.add_argument("specs", nargs="+", metavar="SPEC")
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--tokens", type=_positive, default=256)
+    p.add_argument("--head-dim", type=_positive, default=64)
+    p.add_argument("--kv-heads", type=_positive, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_roundtrip)

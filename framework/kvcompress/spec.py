@@ -295,18 +295,43 @@ def read_spec_file(path: Path) -> dict[str, Any]:
         raise SpecError([f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); save the spec as UTF-8"], str(path)) from None
     try:
         if kind == "yaml":
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         elif kind == "toml":
             data = tomllib.loads(text)
         else:
-            data = json.loads(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError, DuplicateKeyError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise SpecError([f"not valid {kind.upper()}: {reason}"], str(path)) from None
     problem = _too_large(data)
     if problem:
         raise SpecError([problem], str(path))
     return data
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping of a spec file names one key twice (YAML and JSON would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"the key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise DuplicateKeyError(f"the key {key!r} appears twice in one object")
+    return dict(pairs)
 
 
 def _too_large(data: Any) -> str | None:
