@@ -331,6 +331,8 @@ def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_p
         command.run(parse([str(spec), "--text", str(tmp_path / "nope.txt")]))
     with pytest.raises(KVCompressError, match="--json .*does not exist"):
         command.run(parse([str(spec), "--json", str(tmp_path / "no" / "out.json")]))
+    with pytest.raises(KVCompressError, match="--json .*is a directory; give a file name"):
+        command.run(parse([str(spec), "--json", str(tmp_path)]))
 
 
 # ---------------------------------------------------------------------------------------------------

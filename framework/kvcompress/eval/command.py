@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,5 +116,10 @@ def check_unique_names(specs: list[CacheSpec]) -> None:
 
 
 def _check_writable(path: Path) -> None:
+    """Fail before the evaluation, not after it, when the results could not be written."""
+    if path.is_dir():
+        raise KVCompressError(f"--json {path}: is a directory; give a file name, e.g. {path / 'results.json'}")
     if not path.parent.is_dir():
         raise KVCompressError(f"--json {path}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise KVCompressError(f"--json {path}: not writable here; choose another place")
