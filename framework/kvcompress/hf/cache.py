@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,18 @@ NOT_PATCHED = (
 )
 
 SpecLike = CacheSpec | dict | str | Path
+
+
+class RollbackWarning(UserWarning):
+    """Tokens were rolled back (assisted or speculative decoding) in a cache that compresses or evicts."""
+
+
+ROLLBACK_WARNING = (
+    "kvcompress: tokens rolled back (assisted or speculative decoding). A compressed cache compresses and evicts at "
+    "the end of each forward, and verification forwards come at other times than plain decoding's, so the tokens "
+    "generated can differ from plain decoding with the same cache spec. A window as long as the whole generation "
+    "(and no eviction) keeps them identical"
+)
 
 
 def resolve_spec(spec: SpecLike, registry: Registry | None = None) -> CacheSpec:
@@ -599,6 +612,8 @@ class CompressedLayer(CacheLayerMixin):
         remove = -tokens_to_remove
         if remove == 0 or not self.is_initialized:
             return
+        if self.compressed_tokens or self.evictor is not None:
+            warnings.warn(ROLLBACK_WARNING, RollbackWarning, stacklevel=2)
         if remove > self.tail_tokens and self.compressed_tokens:
             raise KVCompressError(
                 f"layer {self.codecs.layer}: cannot crop {remove} tokens, only the newest {self.tail_tokens} are still "
