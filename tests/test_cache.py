@@ -179,6 +179,7 @@ def test_batch_operations_follow_the_batch_dimension(make_model, make_float_spec
     assert storage_nbytes(reachable_tensors(cache)) == cache.nbytes()["total"]
 
 
+@pytest.mark.filterwarnings("ignore::kvcompress.hf.cache.RollbackWarning")  # rollbacks are what these test
 def test_crop_inside_the_window_and_refusal_beyond_it(make_model, make_float_spec):
     from kvcompress.hf.cache import RollbackWarning
 
@@ -301,6 +302,7 @@ def test_exact_new_tokens_reads_history_compressed_and_the_new_tokens_exactly(ma
     assert (step_exact - step_expected).abs().max() > 1e-3  # the history is read from 2-bit state
 
 
+@pytest.mark.filterwarnings("ignore::kvcompress.hf.cache.RollbackWarning")  # rollbacks are what these test
 def test_positions_follow_crop_beam_reorder_and_batch_selection(make_model, make_float_spec):
     model = make_model("llama")
     cache = kvcompress.cache_for(model, make_float_spec(window=4, sinks=2))
