@@ -248,3 +248,13 @@ def test_a_factory_returning_none_is_a_plugin_error_naming_its_distribution():
     spec = parse_spec({"name": "x", "keys": {"quantizer": {"method": "echo"}}, "values": {"quantizer": {"method": "float"}}}, registry=registry)
     with pytest.raises(PluginError, match="quantizer factory of 'echo' \\(plugin 'lazy-plugin'.*returned None"):
         build_codecs(spec, 1, 8, 1, registry=registry)
+
+
+def test_a_plugin_returning_one_name_twice_is_refused():
+    class Twice:
+        @hookimpl
+        def kvcompress_quantizers(self):
+            return [QuantizerMethod(name="echo", spec=EchoSpec, factory=lambda s, c: None)] * 2
+
+    with pytest.raises(PluginError, match="plugin 'twice'.*returns 'echo' twice from kvcompress_quantizers"):
+        Registry(entry_points=False).register(Twice(), "twice")

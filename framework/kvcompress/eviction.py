@@ -81,27 +81,30 @@ class Candidates:
 
     @classmethod
     def from_dense(
-        cls, keys: torch.Tensor, positions: torch.Tensor, step: int, **common
+        cls, keys: torch.Tensor, positions: torch.Tensor, step: int, visible: torch.Tensor | None = None, **common
     ) -> "Candidates":
-        """Full-precision candidates: keys [batch, kv_heads, tokens, head_dim] at positions [tokens]."""
+        """Full-precision candidates: keys [batch, kv_heads, tokens, head_dim] at positions [tokens]. visible:
+        [batch, positions] bool, what the latest query may see (None: everything)."""
         batch, heads, tokens, _ = keys.shape
         grid = positions.to(keys.device, torch.int64).expand(batch, heads, tokens)
+        held = torch.ones_like(grid, dtype=torch.bool)
         return cls(
-            positions=grid, quantum=1, step=step,
+            positions=grid, valid=_visible(held, grid, visible), quantum=1, step=step,
             score_fn=lambda q: torch.matmul(q, keys.transpose(-1, -2)), keys_fn=lambda: keys, **common,
         )
 
     @classmethod
-    def from_stores(cls, store: TokenStore, codec: RoleCodec, quantum: int, **common) -> "Candidates":
-        """The packed tokens of a layer's key store, read through its codec (pruner, transform, estimator)."""
+    def from_stores(
+        cls, store: TokenStore, codec: RoleCodec, quantum: int, visible: torch.Tensor | None = None, **common
+    ) -> "Candidates":
+        """The packed tokens of a layer's key store, read through its codec (pruner, transform, estimator);
+        a head's padding rows are not valid."""
         state = store.view()
-        positions = store.token_positions()
-        if isinstance(positions, range):
-            positions = torch.arange(positions.start, positions.stop, device=store.tokens.device)
-        batch, heads = store.tokens.shape
-        positions = positions.to(torch.int64).expand(batch, heads, store.length)
+        positions = store.position_tensor()
+        padding = store.padding()
+        held = torch.ones_like(positions, dtype=torch.bool) if padding is None else ~padding
         return cls(
-            positions=positions, quantum=quantum, step=quantum,
+            positions=positions, valid=_visible(held, positions, visible), quantum=quantum, step=quantum,
             score_fn=lambda q: codec.scores(q, state), keys_fn=lambda: codec.decode(state), **common,
         )
 
@@ -123,6 +126,14 @@ class Candidates:
             raise KVCompressError(f"evictor {who} chose tokens outside the {self.tokens} candidates")
         if indices.shape[2] > 1 and bool((used[..., 1:] & (indices[..., 1:] <= indices[..., :-1])).any()):
             raise KVCompressError(f"evictor {who} must list each head's kept tokens once, in ascending order")
+
+
+def _visible(held: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """held [batch, kv_heads, tokens] and, where the model's mask is known, visible to the latest query."""
+    if visible is None:
+        return held
+    seen = visible.to(held.device).expand(held.shape[0], -1)
+    return held & seen.gather(1, positions.flatten(1)).view_as(held)
 
 
 def group_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:

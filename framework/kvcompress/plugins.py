@@ -125,10 +125,9 @@ class Registry:
 
     def _check_plugin(self, plugin: object, info: PluginInfo) -> dict[str, list[Any]]:
         """What each of the plugin's hooks returns, checked; PluginError (without the plugin's name) otherwise."""
-        declared = {name for name in dir(hookspecs) if name.startswith("kvcompress_")}
         for name in dir(plugin):
-            if name.startswith("kvcompress_") and callable(getattr(plugin, name, None)) and name not in declared:
-                raise PluginError(f"defines {name}, which is no kvcompress hook (the hooks: {', '.join(sorted(declared))})")
+            if name.startswith("kvcompress_") and callable(getattr(plugin, name, None)) and name not in HOOK_DESCRIPTORS:
+                raise PluginError(f"defines {name}, which is no kvcompress hook (the hooks: {', '.join(sorted(HOOK_DESCRIPTORS))})")
         provided: dict[str, list[Any]] = {}
         for hook, expected in HOOK_DESCRIPTORS.items():
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
@@ -142,12 +141,14 @@ class Registry:
                     result = []
                 if not isinstance(result, (list, tuple)):
                     raise PluginError(f"returned {type(result).__name__} from {hook}; expected a list of {expected.__name__}")
-                for descriptor in result:
-                    self._check_descriptor(descriptor, hook, expected, info)
+                for index, descriptor in enumerate(result):
+                    self._check_descriptor(descriptor, hook, expected)
+                    if any(descriptor.name == earlier.name for earlier in result[:index]):
+                        raise PluginError(f"returns {descriptor.name!r} twice from {hook}")
                 provided[hook] = list(result)
         return provided
 
-    def _check_descriptor(self, descriptor: Any, hook: str, expected: type, info: PluginInfo) -> None:
+    def _check_descriptor(self, descriptor: Any, hook: str, expected: type) -> None:
         if not isinstance(descriptor, expected):
             raise PluginError(f"returned {type(descriptor).__name__} from {hook}; expected {expected.__name__}")
         name = getattr(descriptor, "name", None)
@@ -179,7 +180,7 @@ class Registry:
                         f"({self.plugins[other].distribution}); uninstall one, or block one with {DISABLE_ENV}"
                     )
 
-    def _results(self, hook_name: str, expected: type):
+    def _results(self, hook_name: str):
         """(descriptor, plugin) for everything the plugins returned from `hook_name`, in registration order."""
         for name, info in self.plugins.items():
             for descriptor in self._provided[name].get(hook_name, ()):
@@ -190,7 +191,7 @@ class Registry:
             return self._methods
         methods: dict[str, dict[str, Provided]] = {stage: {} for stage in METHOD_KINDS}
         for stage, record in METHOD_KINDS.items():
-            for method, info in self._results(record.hook, record.descriptor):
+            for method, info in self._results(record.hook):
                 methods[stage][method.name] = Provided(method, info)
         self._methods = methods
         return methods
@@ -200,7 +201,7 @@ class Registry:
         if self._adapters is not None:
             return dict(self._adapters)
         # registration refused a second adapter of one name or one model type
-        self._adapters = {adapter.name: Provided(adapter, info) for adapter, info in self._results(ADAPTER_HOOK, ModelAdapter)}
+        self._adapters = {adapter.name: Provided(adapter, info) for adapter, info in self._results(ADAPTER_HOOK)}
         return dict(self._adapters)
 
     def adapter_for(self, model_type: str) -> ModelAdapter:
@@ -219,7 +220,7 @@ class Registry:
     def readers(self) -> list[Provided]:
         """Layer-level readers in registration order (kvcompress_readers); names are unique."""
         if self._readers is None:
-            self._readers = [Provided(reader, info) for reader, info in self._results(READER_HOOK, ReaderMethod)]
+            self._readers = [Provided(reader, info) for reader, info in self._results(READER_HOOK)]
         return self._readers
 
     def names(self, stage: str) -> list[str]:

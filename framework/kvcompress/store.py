@@ -97,8 +97,6 @@ class TokenStore:
         if positions is not None and not self.explicit:
             self._explicit_positions()
         new = self._new_positions(count, first_position, positions)
-        if new is not None:
-            self._widen(int(new.max()))
         if self.uniform:
             self._reserve(self.length + count)
             start = self.length
@@ -160,8 +158,8 @@ class TokenStore:
     def _new_positions(
         self, count: int, first_position: int | None, positions: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """The appended tokens' positions, int64 [count] or [batch, kv_heads, count]; None where this store
-        holds none (implicit, or a value store)."""
+        """The appended tokens' positions, int64 [count] or [batch, kv_heads, count], with the buffer widened to
+        hold them; None where this store holds none (implicit, or a value store)."""
         if positions is not None and tuple(positions.shape) != (*self.tokens.shape, count):
             raise KVCompressError(
                 f"{self.name}: positions {tuple(positions.shape)} do not match {count} tokens of "
@@ -170,9 +168,11 @@ class TokenStore:
         if self.positions is None:
             return None
         if positions is not None:
+            self._widen(int(positions.max()))  # an evictor's choice, at the end of a prefill: one sync
             return positions.to(device=self.tokens.device, dtype=torch.int64)
         if first_position is None:
             raise KVCompressError(f"{self.name}: positions are explicit after a selection; append needs first_position")
+        self._widen(first_position + count - 1)  # known on the host: no sync on the decode path
         return torch.arange(first_position, first_position + count, device=self.tokens.device)
 
     def _explicit_positions(self) -> None:
@@ -317,6 +317,14 @@ class TokenStore:
         if self.positions is None:
             return range(self.first_position + start, self.first_position + stop)
         return self.positions[..., start:stop].long()
+
+    def position_tensor(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """token_positions() as int64 [batch, kv_heads, stop - start] either way (implicit ones expanded)."""
+        positions = self.token_positions(start, stop)
+        if isinstance(positions, range):
+            arange = torch.arange(positions.start, positions.stop, device=self.tokens.device)
+            return arange.expand(*self.tokens.shape, len(positions))
+        return positions
 
     # ---------------------------------------------------------------------------------------------
     # accounting

@@ -349,10 +349,11 @@ class CompressedLayer(CacheLayerMixin):
             count = self.pending[0].shape[2]
             self._remember_queries()
             self._store_pending()
-            if self.evictor is not None and (count > 1 or self._eviction_due()):
-                self._evict_packed()
-            if self.evictor is not None and self.codecs.eviction.every is None:
-                self.recent_queries = None  # no eviction while decoding: the next prompt brings its own queries
+            if self.evictor is not None:
+                if count > 1 or self._eviction_due():
+                    self._evict_packed()
+                if self.codecs.eviction.every is None:
+                    self.recent_queries = None  # no eviction while decoding: the next prompt brings its own queries
         if self.was_read:  # the forward's tokens are stored (by read() when not exact_new_tokens)
             self._free_dead()
         self.observed = {}
@@ -419,9 +420,9 @@ class CompressedLayer(CacheLayerMixin):
             queries = torch.cat([self.recent_queries, queries], dim=2)
         self.recent_queries = _owned(queries[:, :, -window:])
 
-    def _candidates(self, **where) -> Candidates:
-        """Candidates (from_dense or from_stores) with what every form shares: the latest queries, the mask's
-        visibility, and the sinks and window as the rest of the softmax."""
+    def _candidate_context(self) -> dict[str, Any]:
+        """What every form of Candidates shares: the latest queries and their positions, the score scale, the
+        mask's visibility, and the sinks and window as the rest of the softmax."""
         queries = query_positions = None
         if self.recent_queries is not None:
             queries = group_queries(self.recent_queries, self.kv_heads)
@@ -430,23 +431,23 @@ class CompressedLayer(CacheLayerMixin):
             query_positions = torch.arange(self.seen - w, self.seen, device=queries.device).repeat(group)
         context = []
         if self.sink_tokens:
-            context.append((self.sink_keys, torch.arange(self.sink_start, self.sink_start + self.sink_tokens)))
+            context.append((self.sink_keys, range(self.sink_start, self.sink_start + self.sink_tokens)))
         if self.tail_tokens:
-            context.append((self.tail_keys, torch.arange(self.seen - self.tail_tokens, self.seen)))
-        context = [(k, p.to(k.device)) for k, p in context]
-        common = dict(scale=self.attention_scale, queries=queries, query_positions=query_positions, context=context)
-        if "keys" in where:
-            candidates = Candidates.from_dense(where["keys"], where["positions"], self.codecs.token_block, valid=None, **common)
-            held = torch.ones_like(candidates.positions, dtype=torch.bool)
-        else:
-            store = self.key_store
-            candidates = Candidates.from_stores(store, self.codecs.keys, where["quantum"], valid=None, **common)
-            held = torch.arange(store.length, device=store.tokens.device) < store.tokens[..., None]
-        if self.visible is not None:
-            visible = self.visible.to(held.device).expand(held.shape[0], -1)
-            held = held & visible.gather(1, candidates.positions.flatten(1)).view_as(held)
-        candidates.valid = held
-        return candidates
+            context.append((self.tail_keys, range(self.seen - self.tail_tokens, self.seen)))
+        return dict(
+            scale=self.attention_scale, queries=queries, query_positions=query_positions, visible=self.visible,
+            context=[(keys, torch.arange(span.start, span.stop, device=keys.device)) for keys, span in context],
+        )
+
+    def _room(self, step: int) -> int:
+        """Tokens per head the candidates may keep: the target less the sinks and window, in multiples of step."""
+        return (self._eviction_target() - self.sink_tokens - self.tail_tokens) // step * step
+
+    def _select(self, candidates: Candidates, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evictor's choice, checked, indices cut to the longest head's count."""
+        indices, counts = self.evictor.select(candidates, keep)
+        candidates.check(indices, counts, keep, f"{self.codecs.eviction.method!r} (layer {self.codecs.layer})")
+        return indices[..., : int(counts.max())], counts
 
     def _evict_dense(
         self, keys: torch.Tensor, values: torch.Tensor, first_position: int
@@ -457,18 +458,15 @@ class CompressedLayer(CacheLayerMixin):
         when every head keeps the same)."""
         step = self.codecs.token_block
         n = keys.shape[2]
-        keep = (self._eviction_target() - self.sink_tokens - self.tail_tokens) // step * step
-        self.next_eviction = self.seen + (self.codecs.eviction.every or 0)
+        keep = self._room(step)
         if keep >= n:
             return (keys, values), None, None
         if keep <= 0:
             return (keys[:, :, :0], values[:, :, :0]), None, None
         positions = torch.arange(first_position, first_position + n, device=keys.device)
-        candidates = self._candidates(keys=keys, positions=positions)
-        indices, counts = self.evictor.select(candidates, keep)
-        candidates.check(indices, counts, keep, f"{self.codecs.eviction.method!r} (layer {self.codecs.layer})")
-        longest = int(counts.max())
-        indices = indices[..., :longest]
+        candidates = Candidates.from_dense(keys, positions, step, **self._candidate_context())
+        indices, counts = self._select(candidates, keep)
+        longest = indices.shape[2]
         # a head's slots past its count repeat its last kept token (its KIVI group keeps its range), dropped later
         last = indices.gather(2, (counts - 1).clamp(min=0)[..., None])
         indices = torch.where(torch.arange(longest, device=indices.device) < counts[..., None], indices, last)
@@ -484,14 +482,12 @@ class CompressedLayer(CacheLayerMixin):
         if not keys.length:
             return
         quantum = math.lcm(keys.layout.quantum, values.layout.quantum)
-        keep = max(0, (self._eviction_target() - self.sink_tokens - self.tail_tokens) // quantum * quantum)
+        keep = max(0, self._room(quantum))
         if int(keys.tokens.sum(-1).max()) <= keep * self.kv_heads:
             return
-        candidates = self._candidates(quantum=quantum)
         if keep:
-            indices, counts = self.evictor.select(candidates, keep)
-            candidates.check(indices, counts, keep, f"{self.codecs.eviction.method!r} (layer {self.codecs.layer})")
-            indices = indices[..., : int(counts.max())]
+            candidates = Candidates.from_stores(keys, self.codecs.keys, quantum, **self._candidate_context())
+            indices, counts = self._select(candidates, keep)
         else:
             indices = keys.tokens.new_zeros(*keys.tokens.shape, 0)
             counts = torch.zeros_like(keys.tokens)
@@ -554,8 +550,7 @@ class CompressedLayer(CacheLayerMixin):
         shape = (batch, self.kv_heads)
         parts = [torch.arange(self.sink_start, self.sink_start + self.sink_tokens).expand(*shape, -1)]
         if self.key_store.length:
-            packed = self.key_store.token_positions()
-            packed = torch.arange(packed.start, packed.stop).expand(*shape, -1) if isinstance(packed, range) else packed
+            packed = self.key_store.position_tensor()
             padding = self.key_store.padding()
             parts.append(packed if padding is None else packed.masked_fill(padding, -1))
         parts.append(torch.arange(self.seen - self.tail_tokens, self.seen).expand(*shape, -1))
