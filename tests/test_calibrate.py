@@ -87,6 +87,13 @@ def test_calibrated_file_builds_the_spec_codecs(tmp_path):
     out = tmp_path / "books" / "tiny.safetensors"
     save(out, tensors, metadata)
     codecs = build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS, model="/elsewhere/tiny-llama")
+    # checked against a config as eval and validate --model do: the model it was loaded from, not the CLI name
+    from kvcompress.hf.cache import check_spec
+
+    check_spec(spec, model.config)
+    model.config._name_or_path = "/models/smollm2"
+    with pytest.raises(SpecError, match="calibrated for model"):
+        check_spec(spec, model.config)
     x = torch.randn(1, KV_HEADS, 10, HEAD_DIM)
     state = codecs[1].keys.encode(x)
     assert state.nbytes() * 8 / x.numel() == (2 * 2 * 4 + 16) / HEAD_DIM

@@ -90,7 +90,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
             if config is not None:
                 from kvcompress.hf.cache import check_spec
 
-                check_spec(spec, config, args.model, registry)
+                check_spec(spec, config, registry)
         except SpecError as exc:
             print(exc, file=sys.stderr)
             failed += 1

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.model)
     for spec in specs:  # the model's shape, from its config: a spec it refuses fails before the weights load
-        check_spec(spec, config, args.model)
+        check_spec(spec, config)
     model, tokenizer = load_model(args.model)
     model.to(device)
     # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.

@@ -133,12 +133,18 @@ def model_geometry(config: Any) -> ModelGeometry:
     )
 
 
-def check_spec(spec: CacheSpec, config: Any, model_name: str | None = None, registry: Registry | None = None) -> None:
-    """Build every layer's codecs for this model config, without weights, so a spec the model's shape refuses
-    (a group that does not divide head_dim, an override past the last layer, a codebook for another shape)
-    fails as a SpecError with the field path before a model loads."""
+def model_name(config: Any) -> str | None:
+    """The model identifier codecs are built for (what calibrated codebooks are checked against): the
+    directory or hub name the config was loaded from."""
+    return getattr(config, "_name_or_path", None) or None
+
+
+def check_spec(spec: CacheSpec, config: Any, registry: Registry | None = None) -> None:
+    """Build every layer's codecs for this model config, as a cache for the model would, without weights, so
+    a spec the model's shape refuses (a group that does not divide head_dim, an override past the last layer,
+    a codebook for another shape or model) fails as a SpecError with the field path before a model loads."""
     g = model_geometry(config)
-    build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name, registry=registry)
+    build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name(config), registry=registry)
 
 
 def _sliding_windows(text: Any) -> tuple[int | None, ...]:

@@ -32,7 +32,7 @@ import torch
 from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.hf import attention
 from kvcompress.hf.adapters import UNSUPPORTED_KWARGS_ATTRIBUTE, KeyReader, model_adapter
-from kvcompress.hf.cache import CompressedCache, ModelGeometry, SpecLike, model_geometry, resolve_spec
+from kvcompress.hf.cache import CompressedCache, ModelGeometry, SpecLike, model_geometry, model_name, resolve_spec
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec
 
@@ -147,7 +147,7 @@ class Patch:
         cache = CompressedCache(
             self.spec if spec is None else spec,
             self.model.config,
-            model_name=getattr(self.model.config, "_name_or_path", None) or None,
+            model_name=model_name(self.model.config),
             registry=self.registry,
             exact_new_tokens=exact_new_tokens,
         )
