@@ -20,5 +20,8 @@ def scratch(numel: int, device: torch.device, slot: str = "codes") -> torch.Tens
     key = (torch.device(device), slot)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        # A normal tensor, even when first asked for under torch.inference_mode: an inference tensor could not be
+        # written outside it, and the same process may read a cache both ways (an eval, then generate()).
+        with torch.inference_mode(False):
+            buffer = buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
     return buffer[:numel]
