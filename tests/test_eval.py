@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_chunks_cover_the_continuation_but_its_last_token():
     assert Protocol(context=1024, continuation=256, chunk=16).chunks()[-1] == (1264, 1279)
 
 
-@pytest.mark.parametrize("field", ["context", "continuation", "chunk"])
+@pytest.mark.parametrize("field", ["context", "continuation", "chunk", "windows"])
 def test_protocol_rejects_non_positive_counts(field):
     counts = {"context": 8, "continuation": 8, "chunk": 4, field: 0}
     with pytest.raises(KVCompressError, match=f"--{field} must be at least 1"):
@@ -114,8 +115,39 @@ def test_protocol_rejects_non_positive_counts(field):
 
 
 def test_text_shorter_than_the_protocol_is_refused(tokenizer):
-    with pytest.raises(KVCompressError, match="fewer than --context 60 \\+ --continuation 40 = 100"):
+    with pytest.raises(KVCompressError, match="fewer than --windows 1 x \\(--context 60 \\+ --continuation 40\\) = 100"):
         tokenize_text(tokenizer, "a short text", Protocol(60, 40, 8), "short.txt")
+
+
+def test_windows_are_disjoint_consecutive_slices_and_the_refusal_says_how_many_fit(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = tokenize_text(tokenizer, text, Protocol(20, 10, 4, windows=3), "default")
+    assert windows.shape == (3, 30) and windows.flatten().tolist() == ids[:90]
+    fitting = len(ids) // 30
+    with pytest.raises(KVCompressError, match=f"--windows {fitting} fits"):
+        tokenize_text(tokenizer, text, Protocol(20, 10, 4, windows=fitting + 1), "default")
+
+
+def test_windows_pool_their_tokens_and_report_the_spread_of_the_deltas(model, tokenizer, text):
+    pytest.importorskip("kvcompress_scalar")
+    protocol = Protocol(context=24, continuation=9, chunk=4, windows=3)
+    ids = tokenize_text(tokenizer, text, protocol, "default")
+    spec = kvcompress.parse_spec({
+        "name": "kivi-2", "window": 4,
+        "keys": {"quantizer": {"method": "scalar", "bits": 2, "axis": "channel", "group": 8}},
+        "values": {"quantizer": {"method": "scalar", "bits": 2, "axis": "token", "group": 8}},
+    })
+    baseline, compressed = evaluate_perplexity(model, ids, protocol, [Runner(BASELINE, None), Runner("kivi-2", spec)])
+    for row in (baseline, compressed):
+        assert row["tokens_scored"] == 27 and len(row["window_ppl"]) == 3
+    for window, ppl in zip(ids.split(1), baseline["window_ppl"]):
+        manual, _ = manual_dynamic_cache_nll(model, window, 24, 9, 4)
+        assert ppl == pytest.approx(math.exp(manual / 9), rel=1e-5)
+    pooled = math.exp(sum(9 * math.log(p) for p in baseline["window_ppl"]) / 27)
+    assert baseline["ppl"] == pytest.approx(pooled) and baseline["delta_spread_pct"] == 0
+    deltas = [100 * (c / b - 1) for c, b in zip(compressed["window_ppl"], baseline["window_ppl"])]
+    assert compressed["window_delta_pct"] == pytest.approx(deltas)
+    assert compressed["delta_spread_pct"] == pytest.approx(statistics.stdev(deltas))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
@@ -253,16 +285,16 @@ def test_eval_writes_the_table_and_json(model_dir, tmp_path, capsys):
     spec.write_text(json.dumps(FLOAT32_SPEC))
     out = tmp_path / "results.json"
     args = parse([str(spec), "--model", str(model_dir), "--context", "40", "--continuation", "12", "--chunk", "5",
-                  "--json", str(out)])
+                  "--windows", "2", "--json", str(out)])
     assert command.run(args) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[:2] == ["spec", "bits/elem"] and "float32" in printed
     written = json.loads(out.read_text())
     header, rows = written["header"], written["results"]
-    assert header["protocol"] == {"context": 40, "continuation": 12, "chunk": 5}
+    assert header["protocol"] == {"context": 40, "continuation": 12, "chunk": 5, "windows": 2}
     assert header["versions"]["torch"] == torch.__version__ and header["machine"]["cpu_count"] >= 1
     fields = {"name", "bits_per_element", "key_bits", "value_bits", "ppl", "baseline_ppl", "delta_pct",
-              "cache_bytes", "fp16_bytes", "seconds"}
+              "delta_spread_pct", "window_ppl", "window_delta_pct", "cache_bytes", "fp16_bytes", "seconds"}
     assert all(fields <= set(row) for row in rows)
     assert [r["name"] for r in rows] == [BASELINE, "float32"]
 

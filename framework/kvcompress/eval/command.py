@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=1024, help="ppl: tokens prefilled into the cache (default 1024)")
     parser.add_argument("--continuation", type=int, default=256, help="ppl: tokens scored after the context (default 256)")
     parser.add_argument("--chunk", type=int, default=16, help="ppl: continuation tokens fed per forward pass (default 16)")
+    parser.add_argument(
+        "--windows", type=int, default=4,
+        help="ppl: disjoint slices of the text, each context + continuation tokens with a fresh cache; the table "
+        "pools them and shows the spread of the per-window deltas (default 4)",
+    )
     parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens, comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="needle: tokens generated for the answer (default 32: SmolLM2 spends one token per digit)")
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     check_unique_names(specs)
     text, source = read_text(args.text)
     if args.task == "ppl":
-        protocol = Protocol(args.context, args.continuation, args.chunk)
+        protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
         task_settings: dict[str, Any] = asdict(protocol)
     else:
         from kvcompress.eval.needle import NeedleSettings

@@ -5,12 +5,16 @@ Protocol (chunked decoding, so the continuation really reads the compressed cach
     2. feed continuation tokens 0 .. continuation-2 in chunks of `chunk`; each chunk attends to the cache of
        everything before it, and its logits predict the next tokens;
     3. perplexity = exp(mean NLL over exactly `continuation` tokens).
+The protocol runs on `windows` disjoint consecutive slices of the text, each with a fresh cache; the
+reported perplexity pools every scored token, and the spread of the per-window deltas says how much one
+slice of text moves a figure (a single 256-token window moves a method by several percent).
 The baseline runs the same protocol with a transformers DynamicCache and the model's own attention.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,15 +35,16 @@ class Protocol:
     context: int
     continuation: int
     chunk: int
+    windows: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("context", "continuation", "chunk"):
+        for name in ("context", "continuation", "chunk", "windows"):
             if getattr(self, name) < 1:
                 raise KVCompressError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def tokens(self) -> int:
-        """Tokens of text the protocol reads (the last one is only predicted, never fed)."""
+        """Tokens of text one window reads (the last one is only predicted, never fed)."""
         return self.context + self.continuation
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -49,16 +54,21 @@ class Protocol:
 
 
 def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) -> "torch.Tensor":
-    """The first protocol.tokens tokens of `text` as input ids [1, tokens], or an error if it is too short."""
+    """The windows of `text` as input ids [windows, tokens]: its first windows * tokens tokens, cut in order
+    into disjoint slices; an error if the text is too short."""
     import torch
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < protocol.tokens:
+    needed = protocol.windows * protocol.tokens
+    if len(ids) < needed:
+        fitting = len(ids) // protocol.tokens
+        hint = f" (--windows {fitting} fits)" if fitting else ""
         raise KVCompressError(
-            f"the text ({source}) has {len(ids)} tokens, fewer than --context {protocol.context} + --continuation "
-            f"{protocol.continuation} = {protocol.tokens}; pass a longer --text FILE or smaller counts"
+            f"the text ({source}) has {len(ids)} tokens, fewer than --windows {protocol.windows} x (--context "
+            f"{protocol.context} + --continuation {protocol.continuation}) = {needed}; pass a longer --text FILE "
+            f"or smaller counts{hint}"
         )
-    return torch.tensor([ids[: protocol.tokens]], dtype=torch.long)
+    return torch.tensor(ids[:needed], dtype=torch.long).reshape(protocol.windows, protocol.tokens)
 
 
 def continuation_nll(
@@ -68,7 +78,8 @@ def continuation_nll(
     cache: Any,
     step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """(summed negative log-likelihood, tokens scored) of the continuation, fed through `cache` in chunks.
+    """(summed negative log-likelihood, tokens scored) of one window's continuation, fed through `cache` in
+    chunks; `input_ids` is that window, [1, tokens].
 
     `step` is called after the prefill and after every chunk (progress reporting).
     """
@@ -98,27 +109,40 @@ def continuation_nll(
 
 
 def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:
-    """One result row per runner; the first runner must be the baseline, whose perplexity the others compare to."""
-    steps_per_run = 1 + len(protocol.chunks())
+    """One result row per runner over the windows of `input_ids` [windows, tokens]; the first runner must be
+    the baseline, whose perplexity the others compare to (pooled, and window by window)."""
+    if input_ids.shape != (protocol.windows, protocol.tokens):
+        raise ValueError(f"input_ids must have shape ({protocol.windows}, {protocol.tokens}), got {tuple(input_ids.shape)}")
+    steps_per_run = protocol.windows * (1 + len(protocol.chunks()))
     rows: list[dict[str, Any]] = []
     with progress(total=steps_per_run * len(runners), desc="perplexity") as bar:
         for runner in runners:
             bar.set_postfix_str(runner.name)
+            window_nll: list[float] = []
+            scored = 0
             with runner.session(model) as new_cache:
                 started = time.perf_counter()
-                cache = new_cache()
-                nll, scored = continuation_nll(model, input_ids, protocol, cache, step=lambda: bar.update(1))
+                for window in input_ids.split(1):
+                    cache = new_cache()
+                    nll, count = continuation_nll(model, window, protocol, cache, step=lambda: bar.update(1))
+                    window_nll.append(nll)
+                    scored += count
                 seconds = time.perf_counter() - started
-                figures = cache_figures(model, cache)
-            ppl = math.exp(nll / scored)
-            baseline_ppl = rows[0]["ppl"] if rows else ppl
+                figures = cache_figures(model, cache)  # every window holds the same number of tokens
+            window_ppl = [math.exp(nll / (scored / protocol.windows)) for nll in window_nll]
+            ppl = math.exp(sum(window_nll) / scored)
+            baseline = rows[0] if rows else {"ppl": ppl, "window_ppl": window_ppl}
+            window_delta = [100 * (p - b) / b for p, b in zip(window_ppl, baseline["window_ppl"])]
             rows.append({
                 "name": runner.name,
                 "source": runner.spec.source if runner.spec is not None else None,
                 **{k: figures[k] for k in ("bits_per_element", "key_bits", "value_bits")},
                 "ppl": ppl,
-                "baseline_ppl": baseline_ppl,
-                "delta_pct": 100 * (ppl - baseline_ppl) / baseline_ppl,
+                "baseline_ppl": baseline["ppl"],
+                "delta_pct": 100 * (ppl - baseline["ppl"]) / baseline["ppl"],
+                "delta_spread_pct": statistics.stdev(window_delta) if len(window_delta) > 1 else 0.0,
+                "window_ppl": window_ppl,
+                "window_delta_pct": window_delta,
                 "cache_bytes": figures["cache_bytes"],
                 "fp16_bytes": figures["fp16_bytes"],
                 "seconds": seconds,
@@ -136,6 +160,7 @@ def format_perplexity_table(rows: list[dict[str, Any]]) -> str:
         ("ppl", "ppl", "{:.3f}"),
         ("baseline", "baseline_ppl", "{:.3f}"),
         ("delta %", "delta_pct", "{:+.2f}"),
+        ("+-", "delta_spread_pct", "{:.2f}"),
         ("cache KiB", "cache_bytes", "{:.1f}"),
         ("fp16 KiB", "fp16_bytes", "{:.1f}"),
         ("seconds", "seconds", "{:.1f}"),
