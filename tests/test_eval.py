@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
@@ -24,11 +23,8 @@ from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perp
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
 from kvcompress.eval.text import default_text  # noqa: E402
+from kvcompress.testing import tiny_tokenizer  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Stores tokens as float32 through the compressed cache's whole path: perplexity must equal the baseline's.
 FLOAT32_SPEC = {
     "name": "float32",
@@ -44,18 +40,7 @@ def text() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer(text):
-    """A small byte-level BPE trained on the default text, with a chat template (no model files needed)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
-    )
+    return tiny_tokenizer(text)
 
 
 @pytest.fixture(scope="module")

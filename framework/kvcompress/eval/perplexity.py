@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kvcompress.errors import KVCompressError
 from kvcompress.eval.footprint import cache_figures
@@ -71,6 +71,21 @@ def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) ->
     return torch.tensor(ids[:needed], dtype=torch.long).reshape(protocol.windows, protocol.tokens)
 
 
+def continuation_logits(
+    model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(logits [n, vocab], targets [n]) of each forward of one window, `input_ids` [1, tokens]: the prefill's
+    last position, then each chunk of the continuation fed through `cache`. Call under torch.inference_mode."""
+    if input_ids.shape != (1, protocol.tokens):
+        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(model.device)
+    out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    yield out.logits[0, -1:], input_ids[0, protocol.context : protocol.context + 1]
+    for start, stop in protocol.chunks():
+        out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+        yield out.logits[0], input_ids[0, start + 1 : stop + 1]
+
+
 def continuation_nll(
     model: Any,
     input_ids: "torch.Tensor",
@@ -86,22 +101,11 @@ def continuation_nll(
     import torch
     import torch.nn.functional as F
 
-    if input_ids.shape != (1, protocol.tokens):
-        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    input_ids = input_ids.to(model.device)
     total = torch.zeros((), dtype=torch.float64, device=model.device)
     scored = 0
     with torch.inference_mode():
-        out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        target = input_ids[:, protocol.context : protocol.context + 1]
-        total += F.cross_entropy(out.logits[0, -1:].float(), target[0], reduction="sum").double()
-        scored += 1
-        if step is not None:
-            step()
-        for start, stop in protocol.chunks():
-            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
-            targets = input_ids[0, start + 1 : stop + 1]
-            total += F.cross_entropy(out.logits[0].float(), targets, reduction="sum").double()
+        for logits, targets in continuation_logits(model, input_ids, protocol, cache):
+            total += F.cross_entropy(logits.float(), targets, reduction="sum").double()
             scored += targets.numel()
             if step is not None:
                 step()
