@@ -75,19 +75,21 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def tune(model_dir: Path, directory: Path, budget: float, *extra: str) -> int:
-    return main(["tune", str(candidate(directory, 1)), str(candidate(directory, 2)), "--budget", str(budget),
-                 "--out", str(directory / "tuned.yaml"), "--model", str(model_dir), "--context", "48",
+def tune(model_dir: Path, directory: Path, budget: str, *extra: str) -> int:
+    return main(["tune", str(candidate(directory, 1)), str(candidate(directory, 2)), "--budget", budget,
+                 "--out", str(directory / "tuned-{budget}.yaml"), "--model", str(model_dir), "--context", "48",
                  "--continuation", "12", "--chunk", "4", "--windows", "1", "--quiet", *extra])
 
 
 def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(model_dir, tmp_path, capsys, monkeypatch):
     # the evaluation text is never read: its reader fails the test if called
     monkeypatch.setattr(eval_text, "default_text", lambda: pytest.fail("tune read the evaluation text"))
-    assert tune(model_dir, tmp_path, 2.5) == 0
+    assert tune(model_dir, tmp_path, "2,2.5") == 0  # one measurement, a spec per budget
     printed = capsys.readouterr().out
     assert "layer   1:" in printed and "wrote" in printed
-    spec = load_spec(tmp_path / "tuned.yaml")
+    cheapest = load_spec(tmp_path / "tuned-2.yaml")
+    assert all(cheapest.layer(i).keys.quantizer.bits == cheapest.layer(i).values.quantizer.bits == 1 for i in range(2))
+    spec = load_spec(tmp_path / "tuned-2.5.yaml")
     assert spec.name == "tuned-2.5" and "pydoc_data.topics" in spec.description
     bits = {spec.layer(i).keys.quantizer.bits for i in range(2)} | {spec.layer(i).values.quantizer.bits for i in range(2)}
     assert len(bits) > 1  # between 2 (2.0 b) and 3 (3.0 b) bits codes per element: layers must differ
@@ -106,16 +108,21 @@ def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(m
     assert f"{measured:.4f} bits per element" in spec.description
 
     # deterministic for a seed
-    first = (tmp_path / "tuned.yaml").read_text()
-    assert tune(model_dir, tmp_path, 2.5) == 0
-    assert (tmp_path / "tuned.yaml").read_text() == first
+    first = (tmp_path / "tuned-2.5.yaml").read_text()
+    assert tune(model_dir, tmp_path, "2.5") == 0
+    assert (tmp_path / "tuned-2.5.yaml").read_text() == first
 
 
 def test_tune_refuses_the_evaluation_text_before_loading_the_model(tmp_path, capsys):
     if not eval_text.DEFAULT_TEXT.is_file():
         pytest.skip(f"{eval_text.DEFAULT_TEXT} is not on this system")
-    assert tune(tmp_path / "no-model", tmp_path, 2.5, "--text", str(eval_text.DEFAULT_TEXT)) == 1
+    assert tune(tmp_path / "no-model", tmp_path, "2.5", "--text", str(eval_text.DEFAULT_TEXT)) == 1
     assert "that is the text `kvcompress eval` measures on" in capsys.readouterr().err
+
+
+def test_several_budgets_need_a_budget_in_the_file_name(tmp_path, capsys):
+    code = main(["tune", str(candidate(tmp_path, 1)), "--budget", "2,3", "--out", str(tmp_path / "t.yaml")])
+    assert code == 1 and "with several budgets it must contain {budget}" in capsys.readouterr().err
 
 
 def test_candidates_must_share_their_layout(tmp_path, capsys):

@@ -36,9 +36,13 @@ FLOAT32 = {"quantizer": {"method": "float", "dtype": "float32"}}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `kvcompress tune`."""
     parser.add_argument("candidates", nargs="+", metavar="SPEC", help="specs whose keys and values pipelines each layer may use")
-    parser.add_argument("--budget", type=float, required=True, help="average bits per element of the packed cache, by the framework's accounting")
-    parser.add_argument("--out", required=True, help="the spec file to write (YAML)")
-    parser.add_argument("--name", help="the tuned spec's name (default: tuned-BUDGET)")
+    parser.add_argument(
+        "--budget", required=True, type=_budgets,
+        help="average bits per element of the packed cache, by the framework's accounting; several, comma-separated, "
+        "share one measurement and write one spec each",
+    )
+    parser.add_argument("--out", required=True, help="the spec file to write (YAML); with several budgets it must contain {budget}")
+    parser.add_argument("--name", help="the tuned spec's name (default: tuned-BUDGET); with several budgets it must contain {budget}")
     parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
     parser.add_argument("--text", metavar="FILE", help="calibration text (default: Python's pydoc topics; never the evaluation text)")
     parser.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
@@ -47,6 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=2, help="calibration windows (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="which windows of the calibration text are read")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bits per element, e.g. 3.0 or 2.5,3,4") from None
+    for budget in budgets:
+        if not 0 < budget <= 32:
+            raise argparse.ArgumentTypeError(f"{budget:g}: the average bits per element must be between 0 and 32")
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -255,8 +270,6 @@ def run(args: argparse.Namespace) -> int:
     from kvcompress.eval.perplexity import Protocol
     from kvcompress.eval.text import DEFAULT_TEXT
 
-    if not 0 < args.budget <= 32:
-        raise KVCompressError(f"--budget {args.budget}: give the average bits per element, between 0 and 32")
     candidates = [load_spec(path) for path in args.candidates]
     layout, options = gather_options(candidates)
     if args.text is not None and Path(args.text).resolve() == DEFAULT_TEXT.resolve():
@@ -266,15 +279,20 @@ def run(args: argparse.Namespace) -> int:
         )
     text, source = calibration_text(args.text)
     protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise KVCompressError(f"--out {out}: the directory {out.parent} does not exist")
-    for option in (o for role in ROLES for o in options[role] if o.pipeline.codebook is not None):
-        if Path(option.source).resolve().parent != out.parent.resolve():
-            raise KVCompressError(
-                f"--out {out}: {option.source} names codebook files relative to its own directory; write the tuned "
-                f"spec there (--out {Path(option.source).parent / out.name}) so its paths resolve the same way"
-            )
+    several = len(args.budget) > 1
+    for flag, value in (("--out", args.out), ("--name", args.name)):
+        if several and value is not None and "{budget}" not in value:
+            raise KVCompressError(f"{flag} {value}: with several budgets it must contain {{budget}}, e.g. specs/tuned-{{budget}}.yaml")
+    outs = [Path(args.out.replace("{budget}", f"{budget:g}")) for budget in args.budget]
+    for out in outs:
+        if not out.parent.is_dir():
+            raise KVCompressError(f"--out {out}: the directory {out.parent} does not exist")
+        for option in (o for role in ROLES for o in options[role] if o.pipeline.codebook is not None):
+            if Path(option.source).resolve().parent != out.parent.resolve():
+                raise KVCompressError(
+                    f"--out {out}: {option.source} names codebook files relative to its own directory; write the "
+                    f"tuned spec there (--out {Path(option.source).parent / out.name}) so its paths resolve the same way"
+                )
     from kvcompress.hf.cache import check_spec
     from kvcompress.hf.loading import load_config, load_model
 
@@ -286,24 +304,27 @@ def run(args: argparse.Namespace) -> int:
     windows = calibration_windows(tokenizer, text, source, protocol, args.seed)
     found = measure(model, windows, protocol, layout, options, progress=not args.quiet)
     items = [(layer, role) for layer in range(len(found.kl)) for role in ROLES]
-    picks = choose([found.kl[l][r] for l, r in items], [found.bits[l][r] for l, r in items], args.budget)
-    chosen = [{} for _ in found.kl]
-    for (layer, role), j in zip(items, picks):
-        chosen[layer][role] = j
-    predicted_bits = sum(found.bits[l][r][j] for (l, r), j in zip(items, picks)) / len(items)
-    predicted_kl = sum(found.kl[l][r][j] for (l, r), j in zip(items, picks))
-    name = args.name or f"tuned-{args.budget:g}"
-    description = (
-        f"Tuned by `kvcompress tune` for {args.budget:g} bits per element on {getattr(model.config, '_name_or_path', args.model)}, "
-        f"calibration text {source} ({protocol.windows} windows of {protocol.context} + {protocol.continuation} tokens, "
-        f"seed {args.seed}), from {', '.join(c.source or c.name for c in candidates)}: {predicted_bits:.4f} bits per "
-        f"element, summed KL of the layers tried alone {predicted_kl:.4g} nats."
-    )
-    data = tuned_spec_data(name, description, layout, options, chosen)
-    out.write_text(yaml.safe_dump(data, sort_keys=False, width=110))
-    check_written(load_spec(out), options, chosen)
-    print(format_choices(found, chosen))
-    print(f"wrote {out}: {predicted_bits:.4f} bits per element (budget {args.budget:g}) in {time.perf_counter() - started:.0f} s")
+    for budget, out in zip(args.budget, outs):
+        picks = choose([found.kl[l][r] for l, r in items], [found.bits[l][r] for l, r in items], budget)
+        chosen: list[dict[str, int]] = [{} for _ in found.kl]
+        for (layer, role), j in zip(items, picks):
+            chosen[layer][role] = j
+        predicted_bits = sum(found.bits[l][r][j] for (l, r), j in zip(items, picks)) / len(items)
+        predicted_kl = sum(found.kl[l][r][j] for (l, r), j in zip(items, picks))
+        name = (args.name or "tuned-{budget}").replace("{budget}", f"{budget:g}")
+        description = (
+            f"Tuned by `kvcompress tune` for {budget:g} bits per element on "
+            f"{getattr(model.config, '_name_or_path', args.model)}, calibration text {source} ({protocol.windows} "
+            f"windows of {protocol.context} + {protocol.continuation} tokens, seed {args.seed}), from "
+            f"{', '.join(c.source or c.name for c in candidates)}: {predicted_bits:.4f} bits per element, summed KL "
+            f"of the layers tried alone {predicted_kl:.4g} nats."
+        )
+        data = tuned_spec_data(name, description, layout, options, chosen)
+        out.write_text(yaml.safe_dump(data, sort_keys=False, width=110))
+        check_written(load_spec(out), options, chosen)
+        print(format_choices(found, chosen))
+        print(f"wrote {out}: {predicted_bits:.4f} bits per element (budget {budget:g})")
+    print(f"tuned in {time.perf_counter() - started:.0f} s")
     return 0
 
 
