@@ -1,14 +1,15 @@
 """`kvcompress tune CANDIDATE... --budget BITS --out FILE`: a spec whose layers get the bits they need.
 
 Each candidate spec offers its keys pipeline and its values pipeline. For every layer and role, each offered
-pipeline is tried alone, every other layer and role held in float32, on windows of calibration text read the
+pipeline is tried alone, every other layer and role held in full precision, on windows of calibration text read the
 way `kvcompress eval` reads them (prefill, then the continuation in chunks through the cache). Its
 sensitivity is the KL divergence of the model's next-token distributions from the full-precision model's,
 summed over the continuation; its cost is the bits per element the framework's own accounting gives it in
 that run. A knapsack over bits then picks one pipeline per layer and role with the least summed sensitivity
 whose average bits stay within the budget, and writes it as a spec with per-layer overrides.
 
-The calibration text is Python's pydoc topics unless --text names another file; the text `kvcompress eval`
+Layers other than the probed one keep every token in their full-precision window, so a probe costs about
+one plain forward of the windows. The calibration text is Python's pydoc topics unless --text names another file; the text `kvcompress eval`
 measures on by default is refused, so a tuned spec is never fitted to its own evaluation.
 """
 
@@ -113,12 +114,13 @@ def gather_options(candidates: list[CacheSpec]) -> tuple[dict[str, Any], dict[st
     return layout, options
 
 
-def probe_spec(layout: dict[str, Any], layer: int, role: str, option: Option) -> CacheSpec:
-    """Every layer and role in float32 but `role` of `layer`, which uses `option` (read from where its
-    candidate lives, so relative codebook paths resolve as they do for the candidate)."""
+def probe_spec(layout: dict[str, Any], layer: int, role: str, option: Option, tokens: int) -> CacheSpec:
+    """`role` of `layer` uses `option`, that layer's other role float32; every other layer holds all `tokens`
+    in its full-precision window, so it runs as the model's own attention and costs the probe nothing. Read
+    from where the candidate lives, so relative codebook paths resolve as they do for the candidate."""
     return parse_spec({
-        "name": f"probe-{layer}-{role}", **layout, "keys": FLOAT32, "values": FLOAT32,
-        "layers": {str(layer): {role: option.stages()}},
+        "name": f"probe-{layer}-{role}", **layout, "window": tokens, "keys": FLOAT32, "values": FLOAT32,
+        "layers": {str(layer): {"window": layout["window"], role: option.stages()}},
     }, source=option.source)
 
 
@@ -147,7 +149,7 @@ def measure(
     trials = [(layer, role, option) for layer in range(num_layers) for role in ROLES for option in options[role]]
     for layer, role, option in tqdm(trials, desc="sensitivity", unit="trial", disable=not progress):
         divergence = 0.0
-        with kvcompress.patch(model, probe_spec(layout, layer, role, option)) as patched, torch.inference_mode():
+        with kvcompress.patch(model, probe_spec(layout, layer, role, option, protocol.tokens)) as patched, torch.inference_mode():
             for window, reference in zip(windows.split(1), references):
                 cache = patched.cache()
                 steps = continuation_logits(model, window, protocol, cache)
