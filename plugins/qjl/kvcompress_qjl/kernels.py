@@ -26,6 +26,9 @@ from kvcompress_kernels.scratch import scratch
 
 # Tokens scored at once by the torch path (rounded down to whole outlier groups).
 SCORE_CHUNK = 2048
+# Norms are stored in fp16 saturated at its largest finite value: a key longer than that would become Inf and
+# every score of its row NaN (such keys are not a model's, but one must not poison a sequence).
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 class QJLCodes(NamedTuple):
@@ -109,16 +112,20 @@ def qjl_quantize_torch(
     _check_quantize(keys, sketch, outlier_index, group, outlier_sketch_dim)
     x = keys.float()
     if outlier_index is None:
-        return QJLCodes(pack_bits_torch(x @ sketch.T > 0, 1), x.norm(dim=-1).half(), None, None)
+        return QJLCodes(pack_bits_torch(x @ sketch.T > 0, 1), _fp16_norm(x), None, None)
     mask = group_channel_mask(outlier_index, x.shape[-1]).repeat_interleave(group, dim=2)
     inlier = x.masked_fill(mask, 0.0)
     outlier = x.masked_fill(~mask, 0.0)
     return QJLCodes(
         signs=pack_bits_torch(inlier @ sketch.T > 0, 1),
-        norm=inlier.norm(dim=-1).half(),
+        norm=_fp16_norm(inlier),
         outlier_signs=pack_bits_torch(outlier @ sketch[:outlier_sketch_dim].T > 0, 1),
-        outlier_norm=outlier.norm(dim=-1).half(),
+        outlier_norm=_fp16_norm(outlier),
     )
+
+
+def _fp16_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(dim=-1).clamp(max=FP16_MAX).half()
 
 
 def qjl_scores_torch(
@@ -229,7 +236,8 @@ if HAS_TRITON:
             packed = tl.sum(tl.reshape(positive, [BT, BR // 8, 8]) * weights[None, None, :], axis=2)
             byte = start // 8 + offs_b
             tl.store(out + byte[None, :], packed.to(tl.uint8), mask=live_t[:, None] & (byte[None, :] < nbytes))
-        tl.store(norm_ptr + bh * t + offs_t, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=live_t)
+        norm = tl.minimum(tl.sqrt(tl.sum(x * x, axis=1)), 65504.0)  # FP16_MAX: saturate, never Inf
+        tl.store(norm_ptr + bh * t + offs_t, norm.to(tl.float16), mask=live_t)
 
     @triton.jit
     def _qjl_quantize_kernel(

@@ -133,3 +133,18 @@ def test_scores_kernel_is_accurate_at_any_query_scale(magnitude, device):
     query_on, sketch_on, index_on = on(device, query, sketch, index)
     got = qjl_scores_triton(query_on, QJLCodes(*on(device, *codes)), sketch_on, SCALE, index_on, 32).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("outliers", [0, 4])
+def test_keys_longer_than_fp16_saturate_their_norms_and_scores_stay_finite(outliers, device):
+    """A key of norm 1e6 stored as an fp16 norm was Inf, and every score of its row NaN."""
+    keys, sketch, index = case(64, 32, outliers, 32, 128, 64 if outliers else 0)
+    keys[0, 1, 5] *= 1e5
+    query = torch.randn(1, 2, 3, 64)
+    for quantize in (qjl_quantize_torch, qjl_quantize_triton):
+        codes = QJLCodes(*on(torch.device("cpu"), *quantize(*on(device, keys, sketch, index), 32, 64 if outliers else 0)))
+        assert torch.isfinite(codes.norm).all() and codes.norm.float().max() == torch.finfo(torch.float16).max
+        scores = qjl_scores_torch(query, codes, sketch, SCALE, index, 32)
+        assert torch.isfinite(scores).all()
