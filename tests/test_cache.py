@@ -353,3 +353,24 @@ def test_after_selecting_tokens_attention_reads_the_kept_ones_at_their_positions
             got = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache).logits
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert cache.get_seq_length() == 24
+
+
+def test_a_filled_cache_survives_torch_save_and_load(make_model):
+    """torch.save pickles the cache (its spec, codecs and stores); the loaded one continues exactly."""
+    import io
+
+    pytest.importorskip("kvcompress_scalar")
+    model = make_model("llama", head_dim=32)
+    cache = kvcompress.cache_for(model, kivi2_spec(window=8))
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded.nbytes() == cache.nbytes() and loaded.get_seq_length() == 70
+        step = torch.tensor([[5]])
+        want = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+        got = model(input_ids=step, past_key_values=loaded, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -283,3 +283,12 @@ def test_a_yaml_boolean_for_an_optional_choice_names_the_choices():
     with pytest.raises(SpecError, match="keys.quantizer.norm: True is a boolean; this field takes one of 'preserve', "
                        "'input', 'least-squares' or null"):
         parse_spec(data)
+
+
+def test_a_spec_pickles_and_comes_back_validated_with_its_source():
+    """multiprocessing and torch.save pickle specs; their class is built at run time from the installed methods."""
+    import pickle
+
+    spec = load_spec("specs/kivi-2.yaml")
+    back = pickle.loads(pickle.dumps(spec))
+    assert back == spec and back.source == "specs/kivi-2.yaml" and back.layer(3) == spec.layer(3)

@@ -130,6 +130,11 @@ class CacheSpec(_Strict):
         """The file this spec was loaded from, if any."""
         return self._source
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str | None]]:
+        # The validated class is built from the installed methods at run time (spec_model), so pickle cannot
+        # find it by name: a spec travels as its data and is validated again where it is unpickled.
+        return _unpickle_spec, (self.model_dump(mode="json", exclude_unset=True), self._source)
+
     def layer(self, index: int) -> LayerPlan:
         """The spec of layer `index`, with any override applied."""
         window, sinks, evict = self.window, self.sinks, self.evict
@@ -272,6 +277,10 @@ def parse_spec(data: dict[str, Any] | CacheSpec, source: str | None = None, regi
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+def _unpickle_spec(data: dict[str, Any], source: str | None) -> CacheSpec:
+    return parse_spec(data, source=source)
 
 
 def load_spec(path: str | Path, registry: Registry | None = None) -> CacheSpec:
