@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
@@ -23,58 +22,13 @@ from kvcompress.eval import command, needle  # noqa: E402
 from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perplexity, tokenize_text  # noqa: E402
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
-from kvcompress.eval.text import default_text  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Stores tokens as float32 through the compressed cache's whole path: perplexity must equal the baseline's.
 FLOAT32_SPEC = {
     "name": "float32",
     "keys": {"quantizer": {"method": "float", "dtype": "float32"}},
     "values": {"quantizer": {"method": "float", "dtype": "float32"}},
 }
-
-
-@pytest.fixture(scope="module")
-def text() -> str:
-    return default_text()[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text):
-    """A small byte-level BPE trained on the default text, with a chat template (no model files needed)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
-    )
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def manual_dynamic_cache_nll(model, ids: torch.Tensor, context: int, continuation: int, chunk: int) -> tuple[float, int]:

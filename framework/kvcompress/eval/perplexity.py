@@ -71,6 +71,55 @@ def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) ->
     return torch.tensor(ids[:needed], dtype=torch.long).reshape(protocol.windows, protocol.tokens)
 
 
+def continuation_scores(
+    model: Any,
+    context: "torch.Tensor",
+    continuations: "list[torch.Tensor]",
+    chunk: int,
+    cache: Any,
+    step: Callable[[], None] | None = None,
+) -> "list[tuple[torch.Tensor, torch.Tensor]]":
+    """(log-probability, greedy) of each token of each continuation of one context, read through `cache`.
+
+    The context (token ids [C]) is prefilled once; its last logit predicts every continuation's first token.
+    The cache is then repeated once per continuation, and the continuations are fed side by side, one batch
+    row each, `chunk` tokens per forward pass (a shorter row is padded at its end: causal attention keeps the
+    padding out of the row's own scores). For each continuation: its float32 log-probabilities and whether
+    each token was the most likely one there, both [len] tensors. `step` is called after the prefill and
+    after every chunk (progress reporting).
+    """
+    import torch
+
+    if context.dim() != 1 or context.numel() < 1 or not continuations or min(c.numel() for c in continuations) < 1:
+        raise ValueError("continuation_scores needs a 1-d context and continuations of at least one token each")
+    lengths = [c.numel() for c in continuations]
+    tokens = torch.zeros(len(continuations), max(lengths), dtype=torch.long, device=model.device)
+    for row, continuation in enumerate(continuations):
+        tokens[row, : lengths[row]] = continuation
+    log_probs: list[torch.Tensor] = []
+    greedy: list[torch.Tensor] = []
+
+    def score(logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.float()
+        log_probs.append(logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+        greedy.append(logits.argmax(-1) == targets)
+        if step is not None:
+            step()
+
+    with torch.inference_mode():
+        out = model(input_ids=context[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        score(out.logits[:, -1].expand(len(continuations), -1), tokens[:, 0])
+        if len(continuations) > 1:
+            cache.batch_repeat_interleave(len(continuations))
+        for start in range(0, tokens.shape[1] - 1, chunk):
+            stop = min(start + chunk, tokens.shape[1] - 1)
+            out = model(input_ids=tokens[:, start:stop], past_key_values=cache, use_cache=True)
+            score(out.logits, tokens[:, start + 1 : stop + 1])
+    scores = torch.cat([part.reshape(len(continuations), -1) for part in log_probs], 1)
+    hits = torch.cat([part.reshape(len(continuations), -1) for part in greedy], 1)
+    return [(scores[row, :length], hits[row, :length]) for row, length in enumerate(lengths)]
+
+
 def continuation_nll(
     model: Any,
     input_ids: "torch.Tensor",
@@ -83,29 +132,12 @@ def continuation_nll(
 
     `step` is called after the prefill and after every chunk (progress reporting).
     """
-    import torch
-    import torch.nn.functional as F
-
     if input_ids.shape != (1, protocol.tokens):
         raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    input_ids = input_ids.to(model.device)
-    total = torch.zeros((), dtype=torch.float64, device=model.device)
-    scored = 0
-    with torch.inference_mode():
-        out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        target = input_ids[:, protocol.context : protocol.context + 1]
-        total += F.cross_entropy(out.logits[0, -1:].float(), target[0], reduction="sum").double()
-        scored += 1
-        if step is not None:
-            step()
-        for start, stop in protocol.chunks():
-            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
-            targets = input_ids[0, start + 1 : stop + 1]
-            total += F.cross_entropy(out.logits[0].float(), targets, reduction="sum").double()
-            scored += targets.numel()
-            if step is not None:
-                step()
-    return total.item(), scored
+    [(log_probs, _)] = continuation_scores(
+        model, input_ids[0, : protocol.context], [input_ids[0, protocol.context :]], protocol.chunk, cache, step
+    )
+    return -log_probs.double().sum().item(), log_probs.numel()
 
 
 def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:
