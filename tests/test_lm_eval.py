@@ -28,6 +28,9 @@ from kvcompress.hf.lm_eval import MODEL_NAME, HarnessArgumentError, KVCompressLM
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 # specs/kivi-2.yaml with groups that fit the tiny model's head_dim 16.
+# The tiny model's tokenizer (400 tokens) cuts the passages into about 2000 tokens; HFLM's left truncation
+# to this many keeps the tests fast, and is what both models then see.
+TINY_LENGTH = 512
 KIVI_2 = {
     "name": "kivi-2-tiny",
     "window": 32,
@@ -63,7 +66,7 @@ def float_spec_file(tmp_path, make_float_spec) -> Path:
 
 def evaluate(lm, tasks: list[str], limit: int) -> dict:
     return lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, limit=limit, log_samples=True, task_manager=TaskManager(include_path=str(TASKS)),
+        model=lm, tasks=tasks, limit=limit, log_samples=True, task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
     )
 
 
@@ -81,8 +84,8 @@ def log_likelihoods(results: dict, task: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def plain_hflm(model_dir: Path) -> HFLM:
-    return HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=1)
+def plain_hflm(model_dir: Path, **kwargs) -> HFLM:
+    return HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=1, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,10 +94,13 @@ def plain_hflm(model_dir: Path) -> HFLM:
 
 def test_a_full_precision_spec_gives_the_plain_models_log_likelihoods(offline, model_dir, float_spec_file):
     """The issue's check: multiple choice, rolling perplexity and generation through the compressed cache
-    (float32 storage, no window) match the harness's own HFLM on the same model."""
+    (float32 storage, no window) match the harness's own HFLM on the same model (one prompt per generate())."""
     tasks = ["kvc_recall", "kvc_text", "kvc_recall_gen"]
-    plain = evaluate(plain_hflm(model_dir), tasks, limit=2)
-    adapter = KVCompressLM(pretrained=str(model_dir), spec=str(float_spec_file), score_chunk=48, device="cpu")
+    plain = evaluate(plain_hflm(model_dir, max_length=TINY_LENGTH), tasks, limit=2)
+    adapter = KVCompressLM(
+        pretrained=str(model_dir), spec=str(float_spec_file), score_chunk=48, device="cpu", max_length=TINY_LENGTH,
+        batch_size=2,  # generation: two left-padded prompts per generate() through one cache
+    )
     ours = evaluate(adapter, tasks, limit=2)
     for task in ("kvc_recall", "kvc_text"):
         expected, got = log_likelihoods(plain, task), log_likelihoods(ours, task)
@@ -105,7 +111,7 @@ def test_a_full_precision_spec_gives_the_plain_models_log_likelihoods(offline, m
 
 
 def test_every_request_reads_a_fresh_compressed_cache(offline, model_dir, float_spec_file, monkeypatch):
-    adapter = KVCompressLM(pretrained=str(model_dir), spec=str(float_spec_file), device="cpu")
+    adapter = KVCompressLM(pretrained=str(model_dir), spec=str(float_spec_file), device="cpu", max_length=TINY_LENGTH)
     caches: list[CompressedCache] = []
     new_cache = adapter.new_cache
     monkeypatch.setattr(adapter, "new_cache", lambda: caches.append(new_cache()) or caches[-1])
@@ -118,16 +124,16 @@ def test_every_request_reads_a_fresh_compressed_cache(offline, model_dir, float_
 def test_a_lossy_spec_changes_the_scores_that_dense_scoring_would_hide(offline, model_dir):
     """KIVI-2 keeps 32 tokens in full precision: the passages are longer, so their continuations read
     2-bit keys and values and the log-likelihoods move away from the plain model's."""
-    plain = log_likelihoods(evaluate(plain_hflm(model_dir), ["kvc_recall"], limit=2), "kvc_recall")
-    adapter = KVCompressLM(pretrained=str(model_dir), spec=KIVI_2, device="cpu")
+    plain = log_likelihoods(evaluate(plain_hflm(model_dir, max_length=TINY_LENGTH), ["kvc_recall"], limit=2), "kvc_recall")
+    adapter = KVCompressLM(pretrained=str(model_dir), spec=KIVI_2, device="cpu", max_length=TINY_LENGTH)
     lossy = log_likelihoods(evaluate(adapter, ["kvc_recall"], limit=2), "kvc_recall")
     assert torch.isfinite(lossy).all()
     assert (lossy - plain).abs().max() > 1e-3
 
 
 def test_without_a_spec_the_protocol_runs_on_the_models_own_cache(offline, model_dir):
-    plain = log_likelihoods(evaluate(plain_hflm(model_dir), ["kvc_text"], limit=2), "kvc_text")
-    adapter = KVCompressLM(pretrained=str(model_dir), device="cpu", score_chunk=64)
+    plain = log_likelihoods(evaluate(plain_hflm(model_dir, max_length=TINY_LENGTH), ["kvc_text"], limit=2), "kvc_text")
+    adapter = KVCompressLM(pretrained=str(model_dir), device="cpu", score_chunk=64, max_length=TINY_LENGTH)
     assert adapter.spec is None and adapter.get_model_info()["kvcompress_spec"] is None
     torch.testing.assert_close(log_likelihoods(evaluate(adapter, ["kvc_text"], limit=2), "kvc_text"), plain,
                                rtol=1e-5, atol=1e-3)
@@ -143,7 +149,8 @@ def test_close_restores_the_models_attention(model_dir, float_spec_file):
 def test_the_command_line_runs_the_harness_with_the_model_registered(offline, model_dir, float_spec_file, tmp_path):
     out = tmp_path / "results"
     status = cli.main([
-        "lm-eval", "--model", MODEL_NAME, "--model_args", f"pretrained={model_dir},spec={float_spec_file},score_chunk=32",
+        "lm-eval", "--model", MODEL_NAME,
+        "--model_args", f"pretrained={model_dir},spec={float_spec_file},score_chunk=32,max_length={TINY_LENGTH}",
         "--tasks", "kvc_text", "--include_path", str(TASKS), "--limit", "1", "--device", "cpu",
         "--output_path", str(out),
     ])
@@ -168,11 +175,17 @@ def test_the_command_line_names_the_install_command_without_the_harness(monkeypa
 @pytest.mark.parametrize("arguments, problem", [
     ({"score_chunk": 0}, "score_chunk"),
     ({"batch_size": "auto"}, "batch_size"),
+    ({"batch_size": 0}, "batch_size"),
     ({"dtype": "int8"}, "dtype"),
 ])
 def test_bad_model_args_are_refused_by_name(model_dir, arguments, problem):
     with pytest.raises(HarnessArgumentError, match=problem):
         KVCompressLM(pretrained=str(model_dir), device="cpu", **arguments)
+
+
+def test_the_harness_batch_size_text_is_a_number(model_dir):
+    adapter = KVCompressLM(pretrained=str(model_dir), device="cpu", batch_size="3")
+    assert adapter.batch_size == 3
 
 
 def test_a_loaded_model_needs_its_tokenizer(model):

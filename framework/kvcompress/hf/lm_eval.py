@@ -53,7 +53,8 @@ class KVCompressLM(HFLM):
         transformers directory, or a loaded model (then pass `tokenizer` too); nothing is downloaded.
     spec: a spec file, a spec dict or a CacheSpec; None runs the baseline (DynamicCache, the model's attention).
     score_chunk: continuation tokens fed per forward pass after the context's prefill.
-    dtype: the weights' dtype when `pretrained` is loaded here (float32, bfloat16 or float16).
+    dtype: the weights' dtype when `pretrained` is loaded here (float32, bfloat16 or float16); a loaded model
+        keeps its own.
     batch_size: requests per generate() call; log-likelihood requests are grouped by context instead (each
         context through its own cache, its continuations side by side).
     Other keyword arguments are HFLM's (max_length, add_bos_token, prefix_token_id, chat_template_args, ...).
@@ -72,11 +73,14 @@ class KVCompressLM(HFLM):
     ) -> None:
         if not isinstance(score_chunk, int) or isinstance(score_chunk, bool) or score_chunk < 1:
             raise HarnessArgumentError(f"score_chunk must be a whole number of at least 1, got {score_chunk!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # The harness's --batch_size arrives as text.
+        size = int(batch_size) if isinstance(batch_size, str) and batch_size.strip().isdigit() else batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise HarnessArgumentError(
-                f"batch_size must be a whole number of at least 1, got {batch_size!r} (the kvcompress model scores "
-                "each log-likelihood request through its own cache, so there is no batch size to detect)"
+                f"batch_size must be a whole number of at least 1, got {batch_size!r} (the kvcompress model groups "
+                "log-likelihood requests by context, so there is no batch size to detect)"
             )
+        self.spec = None if spec is None else resolve_spec(spec)
         if isinstance(pretrained, torch.nn.Module):
             if tokenizer is None:
                 raise HarnessArgumentError("a loaded model needs its tokenizer: pass tokenizer=... beside it")
@@ -88,8 +92,7 @@ class KVCompressLM(HFLM):
             tokenizer = tokenizer or loaded_tokenizer
             self.model_label = str(pretrained)
             model.to(_device(device))
-        super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kwargs)
-        self.spec = None if spec is None else resolve_spec(spec)
+        super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=size, **kwargs)
         self.score_chunk = score_chunk
         # The model stays patched (a spec's row) for the adapter's life: the harness calls it until it is done.
         self._session = ExitStack()
