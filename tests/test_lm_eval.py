@@ -131,6 +131,18 @@ def test_a_lossy_spec_changes_the_scores_that_dense_scoring_would_hide(offline, 
     assert (lossy - plain).abs().max() > 1e-3
 
 
+def test_a_one_token_continuation_is_predicted_from_the_cache(model_dir, text):
+    """The forward that predicts a continuation's first token reads the context from the cache: a prefill
+    would compute it densely, and one-token answers (" A", " B") would never see the spec."""
+    baseline = KVCompressLM(pretrained=str(model_dir), device="cpu")
+    lossy = KVCompressLM(pretrained=str(model_dir), spec=KIVI_2, device="cpu")
+    tokens = baseline.tok_encode(text)[:300]
+    requests = [(None, tokens[:-1], tokens[-1:])]
+    [(expected, _)] = baseline._loglikelihood_tokens(requests)
+    [(got, _)] = lossy._loglikelihood_tokens(requests)
+    assert abs(got - expected) > 1e-4
+
+
 def test_without_a_spec_the_protocol_runs_on_the_models_own_cache(offline, model_dir):
     plain = log_likelihoods(evaluate(plain_hflm(model_dir, max_length=TINY_LENGTH), ["kvc_text"], limit=2), "kvc_text")
     adapter = KVCompressLM(pretrained=str(model_dir), device="cpu", score_chunk=64, max_length=TINY_LENGTH)

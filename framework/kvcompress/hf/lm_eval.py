@@ -9,9 +9,10 @@ kvcompress cache.
 The harness scores a (context, continuation) request with one forward pass over both, and kvcompress computes
 a forward's own tokens densely (a prompt is one dense segment), so that pass would never read the compressed
 cache. Here every log-likelihood request runs kvcompress's perplexity protocol instead
-(kvcompress.eval.perplexity): the context is prefilled into a fresh cache, then the continuation is fed
-`score_chunk` tokens per forward, each chunk attending to the cache of everything before it (the
-continuations of one context, a multiple-choice question's choices, share its prefill and run side by side). Rolling
+(kvcompress.eval.perplexity): the context but its last token is prefilled into a fresh cache, then that token
+and the continuation are fed `score_chunk` tokens per forward, each chunk attending to the cache of everything
+before it, so every continuation token is predicted from the cached context (the continuations of one
+context, a multiple-choice question's choices, share its prefill and run side by side). Rolling
 log-likelihoods (perplexity tasks) are the harness's windows, each scored the same way; generation passes a
 fresh cache to `generate`, so every token after the first reads it. Without a spec the same protocol runs
 with a transformers DynamicCache and the model's own attention: the baseline.
@@ -133,12 +134,15 @@ class KVCompressLM(HFLM):
         for context, indices in tqdm(
             groups.items(), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests"
         ):
-            continuations = [torch.tensor(requests[i][2], dtype=torch.long) for i in indices]
-            scores = continuation_scores(
-                self.model, torch.tensor(context, dtype=torch.long), continuations, self.score_chunk, self.new_cache()
-            )
+            # The context's last token is fed with each continuation rather than prefilled: a prefill computes its
+            # own tokens densely, so the forward that predicts a continuation's first token must be a later one
+            # for that prediction to read the context from the cache. (A one-token context leaves nothing cached.)
+            lead = list(context[-1:]) if len(context) > 1 else []
+            prefill = torch.tensor(context[: len(context) - len(lead)], dtype=torch.long)
+            rows = [torch.tensor(lead + requests[i][2], dtype=torch.long) for i in indices]
+            scores = continuation_scores(self.model, prefill, rows, self.score_chunk, self.new_cache())
             for index, (log_probs, greedy) in zip(indices, scores):
-                results[index] = (float(log_probs.sum()), bool(greedy.all()))
+                results[index] = (float(log_probs[len(lead):].sum()), bool(greedy[len(lead):].all()))
                 # Rolling requests have no key; loglikelihood_rolling caches their sums itself (as HFLM does).
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
