@@ -117,7 +117,8 @@ class KVCompressLM(HFLM):
         Requests with the same context (a multiple-choice question's choices) share one prefill into a fresh
         cache; their continuations are then scored side by side (kvcompress.eval.perplexity.continuation_scores).
         Like HFLM, the oldest context tokens are dropped where context and continuation do not fit in
-        max_length + 1 tokens (the last token is only predicted).
+        max_length + 1 tokens (the last token is only predicted). `override_bs`, HFLM's batch size for rolling
+        windows, has no use here.
         """
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, (_, context, continuation) in enumerate(requests):
@@ -148,11 +149,14 @@ class KVCompressLM(HFLM):
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
         return results
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
+        """HFLM's generation, through a fresh cache: every token after the first reads it."""
         return super()._model_generate(context, max_length, stop, past_key_values=self.new_cache(), **generation_kwargs)
 
     def get_model_info(self) -> dict:
-        """What the results record about the model: kvcompress's name for it, the spec and the protocol (no hub lookup)."""
+        """What the results record about the model: kvcompress's name for it, the spec, the protocol (no hub lookup)."""
         return {
             "pretrained": self.model_label,
             "model_num_parameters": self.model.num_parameters(),
