@@ -7,17 +7,10 @@ from typing import Callable
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcompress.eval.text import default_text
-from kvcompress.testing import ARCHITECTURES, tiny_model
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
+from kvcompress.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +20,7 @@ def text() -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer(text):
-    """A small byte-level BPE trained on the default text, with a chat template (no model files needed)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
-    )
+    return tiny_tokenizer(text)
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,13 @@ def token_ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def write_spec(directory: Path, depth: int = 2, sinks: int = 0) -> Path:
+def write_spec(directory: Path, depth: int = 2, sinks: int = 0, **stages: dict) -> Path:
     def role(layout: str) -> dict:
         return {
             "quantizer": {"method": "rvq", "depth": depth, "codebook_size": 16, "group": 8, "layout": layout},
             "estimator": {"method": "rvq-lut"},
             "codebook": {"method": "kmeans", "path": "books/tiny.safetensors", "samples": 400, "iterations": 3},
+            **stages,
         }
 
     path = directory / "tiny.yaml"
@@ -103,6 +104,40 @@ def test_calibrated_file_builds_the_spec_codecs(tmp_path):
         build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS, model="/models/smollm2")
     with pytest.raises(SpecError, match="keys.quantizer: .*learned for another rvq quantizer: depth 2 \\(spec: 3\\)"):
         build_codecs(load_spec(write_spec(tmp_path, depth=3)), LAYERS, HEAD_DIM, KV_HEADS)
+
+
+def test_codebooks_are_learned_after_the_pipelines_transform_and_only_serve_it(tmp_path):
+    pytest.importorskip("kvcompress_scalar", reason="the hadamard transform is kvcompress-scalar's")
+    from kvcompress.hf.collect import collect_kv
+    from kvcompress.methods import LayerContext
+    from kvcompress.plugins import get_registry
+    from kvcompress_scalar.quantizers import HadamardTransform
+
+    hadamard = {"method": "hadamard", "seed": 5}
+    spec = load_spec(write_spec(tmp_path, transform=hadamard))
+    model, ids = tiny_llama(), token_ids(512)
+    tensors, metadata = calibrate(spec, model, ids, tokens=300, context=128, progress=False)
+    assert json.loads(metadata["entries"])["1.keys"]["transform"] == hadamard
+    # the same learner on keys rotated by hand: the file holds exactly what it learns
+    keys = collect_kv(model, ids, tokens=300, context=128, progress=False)[1][0]
+    rotation = HadamardTransform(head_dim=HEAD_DIM, seed=5, layer=1)
+    rotated = rotation.forward(keys.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1).reshape(-1, HEAD_DIM)
+    ctx = LayerContext(layer=1, num_layers=LAYERS, role="keys", head_dim=HEAD_DIM, kv_heads=KV_HEADS)
+    by_hand = get_registry().get("codebook", "kmeans").learn(spec.keys.codebook, spec.keys.quantizer, rotated, ctx)
+    torch.testing.assert_close(tensors["layers.1.keys.codewords"], by_hand["codewords"])
+    save(tmp_path / "books" / "tiny.safetensors", tensors, metadata)
+    build_codecs(spec, LAYERS, HEAD_DIM, KV_HEADS)
+    # the file refuses a pipeline without the transform, or with another seed
+    with pytest.raises(KVCompressError, match="learned after transform .*'seed': 5.*but the spec's pipeline applies None"):
+        build_codecs(load_spec(write_spec(tmp_path)), LAYERS, HEAD_DIM, KV_HEADS)
+    with pytest.raises(KVCompressError, match="learned after transform"):
+        build_codecs(load_spec(write_spec(tmp_path, transform={"method": "hadamard", "seed": 6})), LAYERS, HEAD_DIM, KV_HEADS)
+
+
+def test_a_pruner_before_a_codebook_is_refused_at_validation(tmp_path):
+    pytest.importorskip("kvcompress_prune", reason="think is kvcompress-prune's")
+    with pytest.raises(SpecError, match="keys.codebook: pruner 'think' stores the channels it selects"):
+        load_spec(write_spec(tmp_path, pruner={"method": "think", "ratio": 0.5}))
 
 
 def test_a_spec_without_learners_is_refused(tmp_path):

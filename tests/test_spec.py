@@ -274,3 +274,12 @@ def test_a_boolean_is_not_a_literal_choice(value):
             "values": {"quantizer": {"method": "float"}}}
     with pytest.raises(SpecError, match=f"keys.quantizer.bits: {value} is a boolean; this field takes one of 1, 2"):
         parse_spec(data)
+
+
+def test_a_yaml_boolean_for_an_optional_choice_names_the_choices():
+    """YAML reads `norm: true` as a boolean; the error lists the words the field takes."""
+    data = {"name": "strict", "keys": {"quantizer": {"method": "scalar", "bits": 2, "grid": "lloyd-max", "norm": True}},
+            "values": {"quantizer": {"method": "float"}}}
+    with pytest.raises(SpecError, match="keys.quantizer.norm: True is a boolean; this field takes one of 'preserve', "
+                       "'input', 'least-squares' or null"):
+        parse_spec(data)

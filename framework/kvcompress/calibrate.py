@@ -1,7 +1,9 @@
 """`kvcompress calibrate SPEC --model M [--text FILE] --out FILE`: learn a spec's codebooks from a model.
 
 Runs the model over calibration text, collects every layer's keys and values as the cache stores them
-(kvcompress.hf.collect), and asks each (layer, role) pipeline's codebook method to learn from them.
+(kvcompress.hf.collect), passes them through each (layer, role) pipeline's transform, and asks its codebook
+method to learn from what the quantizer will see. (A pruner before a codebook is refused at validation: the
+channels it keeps change with every prompt.)
 
 The file written is safetensors (never pickle):
     tensors   "layers.{layer}.{role}.{name}" for each tensor the learner returns
@@ -9,7 +11,8 @@ The file written is safetensors (never pickle):
               model     the model's name or path as transformers records it (config._name_or_path)
               spec      the spec's name; spec_file: the spec file
               num_layers, head_dim, kv_heads: the model's cache geometry
-              entries   JSON: "{layer}.{role}" -> {"quantizer": stage dict, "codebook": stage dict}
+              entries   JSON: "{layer}.{role}" -> {"quantizer": stage dict, "codebook": stage dict,
+                                                    "transform": stage dict or null}
               text, tokens, seconds: what calibration read and how long it took
 Codebook methods read it back in their factories and check it against the model and spec they serve.
 
@@ -58,8 +61,8 @@ def calibration_text(path: str | None) -> tuple[str, str]:
     return read_text(path, default=pydoc_text)
 
 
-def learn_plan(spec: CacheSpec, num_layers: int, registry: Registry) -> list[tuple[int, str, Any, Any, Any]]:
-    """(layer, role, codebook method, codebook stage, quantizer stage) for every stage that learns."""
+def learn_plan(spec: CacheSpec, num_layers: int, registry: Registry) -> list[tuple[int, str, Any, Any]]:
+    """(layer, role, codebook method, pipeline) for every pipeline whose codebook stage learns."""
     plan = []
     for layer in range(num_layers):
         resolved = spec.layer(layer)
@@ -69,7 +72,7 @@ def learn_plan(spec: CacheSpec, num_layers: int, registry: Registry) -> list[tup
                 continue
             method = registry.get("codebook", pipeline.codebook.method)
             if method.learn is not None:
-                plan.append((layer, role, method, pipeline.codebook, pipeline.quantizer))
+                plan.append((layer, role, method, pipeline))
     return plan
 
 
@@ -87,6 +90,7 @@ def calibrate(
 
     from kvcompress.hf.cache import model_geometry
     from kvcompress.hf.collect import collect_kv
+    from kvcompress.pipeline import build_transform
 
     registry = registry or get_registry()
     geometry = model_geometry(model.config)
@@ -102,18 +106,23 @@ def calibrate(
     collected = collect_kv(model, input_ids, tokens, context=context, skip=spec.sinks, progress=progress)
     tensors: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
-    for layer, role, method, codebook, quantizer in tqdm(plan, desc="learning codebooks", unit="codebook", disable=not progress):
-        samples = collected[layer][ROLES.index(role)].reshape(-1, geometry.head_dim)
+    for layer, role, method, pipeline in tqdm(plan, desc="learning codebooks", unit="codebook", disable=not progress):
+        samples = collected[layer][ROLES.index(role)]  # [tokens, kv_heads, head_dim]
         ctx = LayerContext(
             layer=layer, num_layers=geometry.num_layers, role=role, head_dim=geometry.head_dim,
-            kv_heads=geometry.kv_heads, spec_dir=spec_dir, model=model_name,
+            kv_heads=geometry.kv_heads, spec_dir=spec_dir, model=model_name, transform=pipeline.transform,
         )
-        learned = method.learn(codebook, quantizer, samples, ctx)
+        if pipeline.transform is not None:
+            # the transform's [batch, heads, tokens, head_dim] layout, so per-head transforms see their heads
+            transform = build_transform(pipeline.transform, ctx, registry)
+            samples = transform.forward(samples.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1)
+        learned = method.learn(pipeline.codebook, pipeline.quantizer, samples.reshape(-1, geometry.head_dim), ctx)
         for name, tensor in learned.items():
             tensors[f"layers.{layer}.{role}.{name}"] = tensor.detach().cpu().contiguous()
         entries[f"{layer}.{role}"] = {
-            "quantizer": quantizer.model_dump(mode="json"),
-            "codebook": codebook.model_dump(mode="json"),
+            "quantizer": pipeline.quantizer.model_dump(mode="json"),
+            "codebook": pipeline.codebook.model_dump(mode="json"),
+            "transform": pipeline.transform.model_dump(mode="json") if pipeline.transform is not None else None,
         }
     metadata = {
         "format": FILE_FORMAT,

@@ -15,7 +15,7 @@ from kvcompress.spec import json_schema, load_spec
 
 USAGE_ERRORS = (SpecError, UnknownMethodError, PluginError)
 # Subcommands whose arguments live in heavier modules, imported only when that subcommand runs.
-DELEGATED = {"eval": "kvcompress.eval.command", "calibrate": "kvcompress.calibrate"}
+DELEGATED = {"eval": "kvcompress.eval.command", "calibrate": "kvcompress.calibrate", "tune": "kvcompress.tune"}
 
 
 def _positive(text: str) -> int:
@@ -218,7 +218,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_lm_eval)
 
     helps = {"eval": "perplexity / needle retrieval of specs on a model, against the full-precision baseline",
-             "calibrate": "learn a spec's codebooks from a model's keys and values"}
+             "calibrate": "learn a spec's codebooks from a model's keys and values",
+             "tune": "choose each layer's keys and values pipeline from candidate specs for a bit budget"}
     for name, module_name in DELEGATED.items():
         p = sub.add_parser(name, help=helps[name])
         if command == name:

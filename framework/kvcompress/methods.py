@@ -26,9 +26,10 @@ class LayerContext:
     layer: model layer index; num_layers: layers in the model; role: "keys" or "values";
     head_dim, kv_heads: the cache tensor shape; codebook: what the pipeline's codebook stage
     provided for this layer and role (None without one); quantizer: the role's quantizer, for the
-    estimator's factory, which binds to it (None for the other stages); spec_dir: directory of the spec file,
-    for resolving relative paths (None for specs built in code); model: a model identifier
-    (None when no model is known, as in `kvcompress demo` on random tensors).
+    estimator's factory, which binds to it (None for the other stages); transform: the pipeline's transform
+    spec, for the codebook stage, which learns and must be used in the space the transform maps to (None
+    without one); spec_dir: directory of the spec file, for resolving relative paths (None for specs built in
+    code); model: a model identifier (None when no model is known, as in `kvcompress demo` on random tensors).
     """
 
     layer: int
@@ -38,6 +39,7 @@ class LayerContext:
     kv_heads: int
     codebook: Any = None
     quantizer: Any = None
+    transform: Any = None
     spec_dir: str | None = None
     model: str | None = None
 

@@ -267,6 +267,13 @@ def build_pruner(
     return pruner, method.observes, replace(ctx, head_dim=pruner.kept)
 
 
+def build_transform(spec: MethodSpec, ctx: LayerContext, registry: Registry) -> Transform:
+    """The transform of a pipeline for ctx's layer and role (calibration builds it too, to learn codebooks in
+    the space the quantizer sees)."""
+    with _stage(f"{ctx.role}.transform"):
+        return _made(registry.get("transform", spec.method).factory(spec, ctx), "transform", spec.method, registry)
+
+
 def build_role_codec(
     pipeline: PipelineSpec, ctx: LayerContext, registry: Registry
 ) -> RoleCodec:
@@ -276,7 +283,8 @@ def build_role_codec(
     codebook = None
     if pipeline.codebook is not None:
         with _stage(f"{ctx.role}.codebook"):
-            codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, ctx)
+            made_for = replace(ctx, transform=pipeline.transform)
+            codebook = registry.get("codebook", pipeline.codebook.method).factory(pipeline.codebook, made_for)
             _made(codebook, "codebook", pipeline.codebook.method, registry)
         ctx = replace(ctx, codebook=codebook)
     quantizer_method = registry.get("quantizer", pipeline.quantizer.method)
@@ -286,11 +294,7 @@ def build_role_codec(
     with _stage(f"{ctx.role}.estimator"):
         estimator = registry.get("estimator", estimator_spec.method).factory(estimator_spec, replace(ctx, quantizer=quantizer))
         _made(estimator, "estimator", estimator_spec.method, registry)
-    transform = None
-    if pipeline.transform is not None:
-        with _stage(f"{ctx.role}.transform"):
-            transform = registry.get("transform", pipeline.transform.method).factory(pipeline.transform, ctx)
-            _made(transform, "transform", pipeline.transform.method, registry)
+    transform = build_transform(pipeline.transform, ctx, registry) if pipeline.transform is not None else None
     stages = "+".join(stage.method for stage in (pipeline.pruner, pipeline.quantizer) if stage is not None)
     name = f"layer {ctx.layer} {ctx.role} ({stages})"
     return RoleCodec(

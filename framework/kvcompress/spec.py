@@ -415,6 +415,12 @@ def check_composition(spec: CacheSpec, registry: Registry | None = None) -> list
                     problems.append(f"{path}.estimator: {estimator.name!r} does not serve {role}")
             if quantizer.needs_codebook and pipeline.codebook is None:
                 problems.append(f"{path}.codebook: quantizer {quantizer.name!r} needs a codebook stage")
+            if pipeline.codebook is not None and pipeline.pruner is not None:
+                problems.append(
+                    f"{path}.codebook: pruner {pipeline.pruner.method!r} stores the channels it selects at each "
+                    "prefill, which differ from one prompt to the next, so no codebook learned on whole vectors "
+                    "fits them; drop the pruner or use a quantizer without codebooks (e.g. scalar)"
+                )
             if pipeline.codebook is not None:
                 codebook = registry.get("codebook", pipeline.codebook.method)
                 if codebook.quantizers and quantizer.name not in codebook.quantizers:

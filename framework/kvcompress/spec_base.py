@@ -72,4 +72,8 @@ def _takes_bool(annotation: Any) -> bool:
 def _describe(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if typing.get_args(annotation):  # a union such as `Literal[...] | None`
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
     return getattr(annotation, "__name__", str(annotation))

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kvcompress.errors import KVCompressError
 from kvcompress.eval.footprint import cache_figures
@@ -71,52 +71,59 @@ def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) ->
     return torch.tensor(ids[:needed], dtype=torch.long).reshape(protocol.windows, protocol.tokens)
 
 
-def continuation_scores(
-    model: Any,
-    context: "torch.Tensor",
-    continuations: "list[torch.Tensor]",
-    chunk: int,
-    cache: Any,
-    step: Callable[[], None] | None = None,
-) -> "list[tuple[torch.Tensor, torch.Tensor]]":
-    """(log-probability, greedy) of each token of each continuation of one context, read through `cache`.
+def shared_context_logits(
+    model: Any, context: "torch.Tensor", rows: "torch.Tensor", chunk: int, cache: Any
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(logits [rows, n, vocab], targets [rows, n]) of each forward scoring `rows` [rows, length] as
+    continuations of one `context` [tokens]: the context's prefill (its last position predicts each row's first
+    token), then, with the cache repeated once per row, the rows side by side, `chunk` tokens per forward, each
+    predicting the next tokens from the cache of everything before it. Causal attention keeps what follows a
+    row's end (padding of a shorter row) out of that row's scores. Call under torch.inference_mode."""
+    rows = rows.to(model.device)
+    out = model(input_ids=context[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    yield out.logits.expand(rows.shape[0], -1, -1), rows[:, :1]
+    if rows.shape[0] > 1:
+        cache.batch_repeat_interleave(rows.shape[0])
+    for start in range(0, rows.shape[1] - 1, chunk):
+        stop = min(start + chunk, rows.shape[1] - 1)
+        out = model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True)
+        yield out.logits, rows[:, start + 1 : stop + 1]
 
-    The context (token ids [C]) is prefilled once; its last logit predicts every continuation's first token.
-    The cache is then repeated once per continuation, and the continuations are fed side by side, one batch
-    row each, `chunk` tokens per forward pass (a shorter row is padded at its end: causal attention keeps the
-    padding out of the row's own scores). For each continuation: its float32 log-probabilities and whether
-    each token was the most likely one there, both [len] tensors. `step` is called after the prefill and
-    after every chunk (progress reporting).
-    """
+
+def continuation_logits(
+    model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(logits [n, vocab], targets [n]) of each forward of one window, `input_ids` [1, tokens]: the prefill's
+    last position, then each chunk of the continuation fed through `cache`. Call under torch.inference_mode."""
+    if input_ids.shape != (1, protocol.tokens):
+        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
+    for logits, targets in shared_context_logits(
+        model, input_ids[0, : protocol.context], input_ids[:, protocol.context :], protocol.chunk, cache
+    ):
+        yield logits[0], targets[0]
+
+
+def continuation_scores(
+    model: Any, context: "torch.Tensor", continuations: "list[torch.Tensor]", chunk: int, cache: Any
+) -> "list[tuple[torch.Tensor, torch.Tensor]]":
+    """(log-probability, greedy) of each token of each continuation of one context, read through `cache`
+    (shared_context_logits: one prefill, the continuations side by side). For each continuation: its float32
+    log-probabilities and whether each token was the most likely one there, both [len] tensors."""
     import torch
 
     if context.dim() != 1 or context.numel() < 1 or not continuations or min(c.numel() for c in continuations) < 1:
         raise ValueError("continuation_scores needs a 1-d context and continuations of at least one token each")
     lengths = [c.numel() for c in continuations]
-    tokens = torch.zeros(len(continuations), max(lengths), dtype=torch.long, device=model.device)
+    rows = torch.zeros(len(continuations), max(lengths), dtype=torch.long)
     for row, continuation in enumerate(continuations):
-        tokens[row, : lengths[row]] = continuation
-    log_probs: list[torch.Tensor] = []
-    greedy: list[torch.Tensor] = []
-
-    def score(logits: torch.Tensor, targets: torch.Tensor) -> None:
-        logits = logits.float()
-        log_probs.append(logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])
-        greedy.append(logits.argmax(-1) == targets)
-        if step is not None:
-            step()
-
+        rows[row, : lengths[row]] = continuation
+    log_probs, greedy = [], []
     with torch.inference_mode():
-        out = model(input_ids=context[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        score(out.logits[:, -1].expand(len(continuations), -1), tokens[:, 0])
-        if len(continuations) > 1:
-            cache.batch_repeat_interleave(len(continuations))
-        for start in range(0, tokens.shape[1] - 1, chunk):
-            stop = min(start + chunk, tokens.shape[1] - 1)
-            out = model(input_ids=tokens[:, start:stop], past_key_values=cache, use_cache=True)
-            score(out.logits, tokens[:, start + 1 : stop + 1])
-    scores = torch.cat([part.reshape(len(continuations), -1) for part in log_probs], 1)
-    hits = torch.cat([part.reshape(len(continuations), -1) for part in greedy], 1)
+        for logits, targets in shared_context_logits(model, context, rows, chunk, cache):
+            logits = logits.float()
+            log_probs.append(logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+            greedy.append(logits.argmax(-1) == targets)
+    scores, hits = torch.cat(log_probs, 1), torch.cat(greedy, 1)
     return [(scores[row, :length], hits[row, :length]) for row, length in enumerate(lengths)]
 
 
@@ -132,12 +139,18 @@ def continuation_nll(
 
     `step` is called after the prefill and after every chunk (progress reporting).
     """
-    if input_ids.shape != (1, protocol.tokens):
-        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    [(log_probs, _)] = continuation_scores(
-        model, input_ids[0, : protocol.context], [input_ids[0, protocol.context :]], protocol.chunk, cache, step
-    )
-    return -log_probs.double().sum().item(), log_probs.numel()
+    import torch
+    import torch.nn.functional as F
+
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
+    scored = 0
+    with torch.inference_mode():
+        for logits, targets in continuation_logits(model, input_ids, protocol, cache):
+            total += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            scored += targets.numel()
+            if step is not None:
+                step()
+    return total.item(), scored
 
 
 def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:

@@ -84,6 +84,15 @@ def load(spec, ctx: LayerContext) -> RVQCodebooks:
             f"{path}: no codebooks for layer {ctx.layer} {ctx.role} (the file has {len(entries)} entries for a "
             f"{num_layers}-layer model); {fix}"
         )
+    # codebooks learned in one space are useless in another: the file must come from the same transform
+    # (files without the record predate transforms in calibration and were learned untransformed)
+    learned_after = entries[key].get("transform")
+    wanted = ctx.transform.model_dump(mode="json") if ctx.transform is not None else None
+    if learned_after != wanted:
+        raise CodebookError(
+            f"{path}: the codebooks of layer {ctx.layer} {ctx.role} were learned after transform {learned_after}, "
+            f"but the spec's pipeline applies {wanted}; {fix}"
+        )
     from safetensors import safe_open
 
     name = f"layers.{key}.codewords"

@@ -43,9 +43,22 @@ class ScalarSpec(MethodSpec):
         description='"minmax": uniform levels between the group minimum and maximum. "lloyd-max": Gaussian '
         'Lloyd-Max levels scaled by the group norm (axis "token" and bits 1-4 only).',
     )
+    norm: Literal["preserve", "input", "least-squares"] | None = Field(
+        None,
+        description='grid "lloyd-max" only: the fp16 scale each group stores (unset: "preserve"). "preserve": the '
+        "decoded group has the input's L2 norm (the nearest levels are shorter than the vector they code: at 2 "
+        "bits their squared length is 12 % less, which scales attention logits and value mixes down). "
+        '"input": the input\'s L2 norm itself. '
+        '"least-squares": the scale that minimizes the group\'s squared error. Same bits for all three.',
+    )
 
     @model_validator(mode="after")
     def _lloyd_max_needs_token_groups(self) -> ScalarSpec:
+        if self.grid != "lloyd-max" and self.norm is not None:
+            raise ValueError(
+                f'`norm` chooses the scale of grid "lloyd-max"; grid "{self.grid}" stores a scale and a minimum '
+                "per group instead: remove `norm` or set grid: lloyd-max"
+            )
         if self.grid == "lloyd-max":
             if self.axis != "token":
                 raise ValueError(
@@ -103,7 +116,7 @@ def make_scalar(spec: ScalarSpec, ctx: LayerContext):
             f"groups channels of one token); set `group` to a divisor of {ctx.head_dim}"
         )
     if spec.grid == "lloyd-max":
-        return LloydMaxQuantizer(bits=spec.bits, group=spec.group)
+        return LloydMaxQuantizer(bits=spec.bits, group=spec.group, norm=spec.norm or "preserve")
     return MinMaxQuantizer(bits=spec.bits, axis=spec.axis, group=spec.group)
 
 

@@ -150,15 +150,18 @@ class MinMaxQuantizer(Quantizer):
 
 
 class LloydMaxQuantizer(Quantizer):
-    """Per token group of `group` channels: the group's L2 norm (fp16), and each coordinate of the
-    normalized vector times sqrt(group) (about N(0, 1) after a random rotation) coded as the index of the
-    nearest Lloyd-Max level. Decode: level * norm / sqrt(group)."""
+    """Per token group of `group` channels: each coordinate of the normalized vector times sqrt(group)
+    (about N(0, 1) after a random rotation) coded as the index of the nearest Lloyd-Max level, and one fp16
+    scale s. Decode: level * s / sqrt(group). s is chosen by `norm` (the spec's field): "input" stores the
+    group's L2 norm; "preserve" rescales it so the decoded group keeps that norm; "least-squares" projects the
+    group onto its decoded direction."""
 
     token_block = 1
 
-    def __init__(self, bits: int, group: int):
+    def __init__(self, bits: int, group: int, norm: str = "preserve"):
         self.bits = bits
         self.group = group
+        self.norm = norm
         self.levels = torch.tensor(LLOYD_MAX_LEVELS[bits], dtype=torch.float32)
         self.thresholds = (self.levels[1:] + self.levels[:-1]) / 2
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -178,12 +181,20 @@ class LloydMaxQuantizer(Quantizer):
         norm = grouped.norm(dim=-1, keepdim=True)
         # a zero group stays zero: its coordinates are 0 (nearest levels +-smallest) times norm 0
         unit = grouped / torch.where(norm > 0, norm, torch.ones_like(norm))
-        _, thresholds = self._tables(x.device)
-        codes = torch.bucketize(unit * math.sqrt(self.group), thresholds).to(torch.uint8).reshape(x.shape)
+        levels, thresholds = self._tables(x.device)
+        codes = torch.bucketize(unit * math.sqrt(self.group), thresholds)
+        scale = norm
+        if self.norm != "input":
+            decoded = levels[codes]  # never zero: the Gaussian grids have no zero level
+            length = decoded.norm(dim=-1, keepdim=True)
+            if self.norm == "preserve":
+                scale = norm * math.sqrt(self.group) / length
+            else:
+                scale = (grouped * decoded).sum(dim=-1, keepdim=True) * math.sqrt(self.group) / length.square()
         return PackedState(
             tensors={
-                "codes": pack_bits(codes, self.bits),
-                "norm": norm.squeeze(-1).clamp(max=FP16_MAX).half(),
+                "codes": pack_bits(codes.to(torch.uint8).reshape(x.shape), self.bits),
+                "norm": scale.squeeze(-1).clamp(min=-FP16_MAX, max=FP16_MAX).half(),
             },
             tokens=t,
             head_dim=d,

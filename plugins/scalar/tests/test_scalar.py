@@ -253,11 +253,34 @@ def test_lloyd_max_error_decreases_with_bits_and_matches_the_gaussian_distortion
     x = gaussian(2, 2, 256, 64)
     errors = []
     for bits in (1, 2, 3, 4):
-        spec = {"method": "scalar", "bits": bits, "axis": "token", "group": 64, "grid": "lloyd-max"}
+        spec = {"method": "scalar", "bits": bits, "axis": "token", "group": 64, "grid": "lloyd-max", "norm": "input"}
         out = round_trip(spec, x, transform={"method": "hadamard", "seed": 3})
         errors.append(relative_error(x, out))
         assert errors[-1] ** 2 == pytest.approx(distortion[bits], rel=0.08)
     assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lloyd_max_norms_keep_the_length_or_minimize_the_error_as_named(bits):
+    x = gaussian(2, 2, 128, 64)
+    rotation = {"method": "hadamard", "seed": 1}
+    out = {
+        norm: round_trip({"method": "scalar", "bits": bits, "group": 32, "grid": "lloyd-max", "norm": norm}, x, transform=rotation)
+        for norm in ("preserve", "input", "least-squares")
+    }
+    # the rotation is orthogonal, so each token's norm survives it; groups of 32 of the rotated vector keep
+    # theirs, so whole tokens do too (fp16 scales: 1e-3)
+    assert torch.allclose(out["preserve"].norm(dim=-1), x.norm(dim=-1), rtol=2e-3)
+    # the nearest levels shorten groups on average (Lloyd-Max: E|level|^2 = 1 - distortion)
+    distortion = {1: 1 - 2 / math.pi, 2: 0.1175, 3: 0.03454, 4: 0.009497}[bits]
+    assert (out["input"].norm(dim=-1) / x.norm(dim=-1)).mean() < 1 - distortion / 4
+    errors = {norm: relative_error(x, decoded) for norm, decoded in out.items()}
+    assert errors["least-squares"] <= errors["input"] * 1.001 and errors["least-squares"] <= errors["preserve"]
+
+
+def test_norm_is_refused_for_the_minmax_grid():
+    with pytest.raises(ValidationError, match="`norm` chooses the scale of grid \"lloyd-max\""):
+        ScalarSpec(bits=2, norm="preserve")
 
 
 def test_lloyd_max_beats_minmax_at_the_same_bits_after_rotation():

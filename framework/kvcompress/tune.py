@@ -1,0 +1,342 @@
+"""`kvcompress tune CANDIDATE... --budget BITS --out FILE`: a spec whose layers get the bits they need.
+
+Each candidate spec offers its keys pipeline and its values pipeline. For every layer and role, each offered
+pipeline is tried alone, every other layer and role held in full precision, on windows of calibration text read the
+way `kvcompress eval` reads them (prefill, then the continuation in chunks through the cache). Its
+sensitivity is the KL divergence of the model's next-token distributions from the full-precision model's,
+summed over the continuation; its cost is the bits per element the framework's own accounting gives it in
+that run. A knapsack over bits then picks one pipeline per layer and role with the least summed sensitivity
+whose average bits stay within the budget, and writes it as a spec with per-layer overrides.
+
+Layers other than the probed one keep every token in their full-precision window, so a probe costs about
+one plain forward of the windows. The calibration text is Python's pydoc topics unless --text names another file; the text `kvcompress eval`
+measures on by default is refused, so a tuned spec is never fitted to its own evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvcompress.errors import KVCompressError
+from kvcompress.methods import ROLES, STAGES
+from kvcompress.spec import CacheSpec, PipelineSpec, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    import torch
+
+# Costs are compared in units of 1/BITS_RESOLUTION bit per element per (layer, role).
+BITS_RESOLUTION = 4096
+FLOAT32 = {"quantizer": {"method": "float", "dtype": "float32"}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `kvcompress tune`."""
+    parser.add_argument("candidates", nargs="+", metavar="SPEC", help="specs whose keys and values pipelines each layer may use")
+    parser.add_argument(
+        "--budget", required=True, type=_budgets,
+        help="average bits per element of the packed cache, by the framework's accounting; several, comma-separated, "
+        "share one measurement and write one spec each",
+    )
+    parser.add_argument("--out", required=True, help="the spec file to write (YAML); with several budgets it must contain {budget}")
+    parser.add_argument("--name", help="the tuned spec's name (default: tuned-BUDGET); with several budgets it must contain {budget}")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
+    parser.add_argument("--text", metavar="FILE", help="calibration text (default: Python's pydoc topics; never the evaluation text)")
+    parser.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
+    parser.add_argument("--continuation", type=int, default=64, help="tokens scored per window (default 64)")
+    parser.add_argument("--chunk", type=int, default=16, help="continuation tokens fed per forward (default 16)")
+    parser.add_argument("--windows", type=int, default=2, help="calibration windows (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="which windows of the calibration text are read")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bits per element, e.g. 3.0 or 2.5,3,4") from None
+    for budget in budgets:
+        if not 0 < budget <= 32:
+            raise argparse.ArgumentTypeError(f"{budget:g}: the average bits per element must be between 0 and 32")
+    return budgets
+
+
+@dataclass(frozen=True)
+class Option:
+    """One pipeline a (layer, role) may use: where it came from and its stages."""
+
+    source: str
+    pipeline: PipelineSpec
+
+    def stages(self) -> dict[str, Any]:
+        """The pipeline's stages as spec data, the unset ones left out."""
+        return {name: stage.model_dump(mode="json") for name in STAGES if (stage := getattr(self.pipeline, name)) is not None}
+
+
+@dataclass
+class Sensitivity:
+    """kl[layer][role][option] and bits[layer][role][option] of every option tried alone."""
+
+    options: dict[str, list[Option]]
+    kl: list[dict[str, list[float]]]
+    bits: list[dict[str, list[float]]]
+
+
+def gather_options(candidates: list[CacheSpec]) -> tuple[dict[str, Any], dict[str, list[Option]]]:
+    """(the shared layout: window, sinks, compress_run; the distinct pipelines per role) of the candidates,
+    or an error naming what the tuner cannot combine."""
+    first = candidates[0]
+    layout = {"window": first.window, "sinks": first.sinks, "compress_run": first.compress_run}
+    options: dict[str, list[Option]] = {role: [] for role in ROLES}
+    for spec in candidates:
+        where = spec.source or spec.name
+        if spec.layers:
+            raise KVCompressError(f"{where}: a candidate for tune must be uniform; remove its `layers` overrides")
+        if spec.evict is not None:
+            raise KVCompressError(
+                f"{where}: tune chooses quantizers for a fixed set of tokens; remove `evict` from the candidate "
+                "(add it to the tuned spec afterwards)"
+            )
+        theirs = {"window": spec.window, "sinks": spec.sinks, "compress_run": spec.compress_run}
+        if theirs != layout:
+            raise KVCompressError(
+                f"{where}: window/sinks/compress_run {theirs} differ from {first.source or first.name}'s {layout}; "
+                "candidates must share them, since every layer of the tuned spec has one layout"
+            )
+        for role in ROLES:
+            option = Option(where, getattr(spec, role))
+            if all(option.pipeline != known.pipeline for known in options[role]):
+                options[role].append(option)
+    return layout, options
+
+
+def probe_spec(layout: dict[str, Any], layer: int, role: str, option: Option, tokens: int) -> CacheSpec:
+    """`role` of `layer` uses `option`, that layer's other role float32; every other layer holds all `tokens`
+    in its full-precision window, so it runs as the model's own attention and costs the probe nothing. Read
+    from where the candidate lives, so relative codebook paths resolve as they do for the candidate."""
+    return parse_spec({
+        "name": f"probe-{layer}-{role}", **layout, "window": tokens, "keys": FLOAT32, "values": FLOAT32,
+        "layers": {str(layer): {"window": layout["window"], role: option.stages()}},
+    }, source=option.source)
+
+
+def measure(
+    model: Any, windows: "torch.Tensor", protocol: Any, layout: dict[str, Any], options: dict[str, list[Option]],
+    progress: bool = True,
+) -> Sensitivity:
+    """The sensitivity and cost of every option at every layer and role (see the module's docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    import kvcompress
+    from kvcompress.eval.perplexity import continuation_logits
+    from kvcompress.hf.cache import model_geometry
+
+    num_layers = model_geometry(model.config).num_layers
+    references = []
+    with torch.inference_mode():
+        for window in windows.split(1):
+            cache = DynamicCache(config=model.config)
+            references.append([F.log_softmax(lg.float(), dim=-1) for lg, _ in continuation_logits(model, window, protocol, cache)])
+    kl = [{role: [] for role in ROLES} for _ in range(num_layers)]
+    bits = [{role: [] for role in ROLES} for _ in range(num_layers)]
+    trials = [(layer, role, option) for layer in range(num_layers) for role in ROLES for option in options[role]]
+    for layer, role, option in tqdm(trials, desc="sensitivity", unit="trial", disable=not progress):
+        divergence = 0.0
+        with kvcompress.patch(model, probe_spec(layout, layer, role, option, protocol.tokens)) as patched, torch.inference_mode():
+            for window, reference in zip(windows.split(1), references):
+                cache = patched.cache()
+                steps = continuation_logits(model, window, protocol, cache)
+                for (logits, _), ref in zip(steps, reference):
+                    logp = F.log_softmax(logits.float(), dim=-1)
+                    divergence += float((ref.exp() * (ref - logp)).sum())
+            store = getattr(cache.layers[layer], "key_store" if role == "keys" else "value_store")
+            elements = store.held_tokens() * cache.geometry.head_dim
+        if not elements:
+            raise KVCompressError(
+                f"layer {layer} {role}: no token was compressed in the calibration windows; raise --context above "
+                f"the window + sinks ({layout['window']} + {layout['sinks']})"
+            )
+        kl[layer][role].append(divergence)
+        bits[layer][role].append(8 * store.payload_nbytes() / elements)
+    return Sensitivity(options=options, kl=kl, bits=bits)
+
+
+def choose(losses: list[list[float]], costs: list[list[float]], budget: float) -> list[int]:
+    """For each item, the index of its option, so that the summed loss is least with mean cost <= budget
+    (a knapsack solved exactly over costs in units of 1/BITS_RESOLUTION)."""
+    import torch
+
+    units = [[math.ceil(c * BITS_RESOLUTION - 1e-6) for c in row] for row in costs]
+    capacity = math.floor(budget * len(units) * BITS_RESOLUTION + 1e-6)
+    cheapest = sum(min(row) for row in units)
+    if cheapest > capacity:
+        lowest = sum(min(row) for row in costs) / len(costs)
+        raise KVCompressError(
+            f"--budget {budget}: the cheapest choice of the candidates averages {lowest:.4f} bits per element; "
+            "raise the budget or add a candidate with fewer bits"
+        )
+    best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for row_units, row_losses in zip(units, losses):
+        candidates = torch.full((len(row_units), capacity + 1), math.inf, dtype=torch.float64)
+        for j, (u, loss) in enumerate(zip(row_units, row_losses)):
+            if u <= capacity:
+                candidates[j, u:] = best[: capacity + 1 - u] + loss
+        best, pick = candidates.min(dim=0)
+        picks.append(pick)
+    spent = int(best.argmin())
+    chosen = []
+    for row_units, pick in zip(reversed(units), reversed(picks)):
+        j = int(pick[spent])
+        chosen.append(j)
+        spent -= row_units[j]
+    return chosen[::-1]
+
+
+def tuned_spec_data(
+    name: str, description: str, layout: dict[str, Any], options: dict[str, list[Option]], chosen: list[dict[str, int]],
+) -> dict[str, Any]:
+    """Spec data: each role's top-level pipeline is the chosen option with the fewest stages (so that every
+    other choice is expressible as an override), and layers whose choice differs get overrides, layers with
+    the same overrides sharing one selection."""
+    defaults = {}
+    for role in ROLES:
+        used = sorted({c[role] for c in chosen}, key=lambda j: (len(options[role][j].stages()), -sum(c[role] == j for c in chosen)))
+        defaults[role] = used[0]
+    groups: dict[tuple, list[int]] = {}
+    for layer, choice in enumerate(chosen):
+        key = tuple(choice[role] if choice[role] != defaults[role] else None for role in ROLES)
+        if any(j is not None for j in key):
+            groups.setdefault(key, []).append(layer)
+    layers = {}
+    for key, members in groups.items():
+        layers[_selection(members)] = {role: options[role][j].stages() for role, j in zip(ROLES, key) if j is not None}
+    data = {"name": name, "description": description, **layout}
+    data.update({role: options[role][defaults[role]].stages() for role in ROLES})
+    if layers:
+        data["layers"] = dict(sorted(layers.items(), key=lambda item: int(item[0].split(",")[0].split("-")[0])))
+    return data
+
+
+def _selection(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], layers[0]
+    for previous, current in zip(layers, layers[1:] + [None]):
+        if current != previous + 1:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current
+    return ",".join(parts)
+
+
+def check_written(spec: CacheSpec, options: dict[str, list[Option]], chosen: list[dict[str, int]]) -> None:
+    """The written spec resolves, layer by layer, to exactly the chosen pipelines."""
+    for layer, choice in enumerate(chosen):
+        plan = spec.layer(layer)
+        for role in ROLES:
+            if getattr(plan, role) != options[role][choice[role]].pipeline:
+                raise KVCompressError(
+                    f"layer {layer} {role}: the candidates' pipelines differ in stages that per-layer overrides "
+                    "cannot remove; give the candidates the same stages (e.g. all with or all without a transform)"
+                )
+
+
+def calibration_windows(tokenizer: Any, text: str, source: str, protocol: Any, seed: int) -> "torch.Tensor":
+    """`protocol.windows` disjoint windows [windows, tokens] of the text, at slots chosen by `seed`."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    slots = len(ids) // protocol.tokens
+    if slots < protocol.windows:
+        raise KVCompressError(
+            f"the calibration text ({source}) has {len(ids)} tokens, room for {slots} windows of {protocol.tokens}; "
+            "pass a longer --text, or fewer --windows or smaller --context/--continuation"
+        )
+    chosen = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))[: protocol.windows].sort().values
+    table = torch.tensor(ids[: slots * protocol.tokens], dtype=torch.long).reshape(slots, protocol.tokens)
+    return table[chosen]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `kvcompress tune`; returns the exit status."""
+    import yaml
+
+    from kvcompress.calibrate import calibration_text
+    from kvcompress.eval.perplexity import Protocol
+    from kvcompress.eval.text import DEFAULT_TEXT
+
+    candidates = [load_spec(path) for path in args.candidates]
+    layout, options = gather_options(candidates)
+    if args.text is not None and Path(args.text).resolve() == DEFAULT_TEXT.resolve():
+        raise KVCompressError(
+            f"--text {args.text}: that is the text `kvcompress eval` measures on; tune on other text (default: "
+            "Python's pydoc topics) so the tuned spec is not fitted to its own evaluation"
+        )
+    text, source = calibration_text(args.text)
+    protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
+    several = len(args.budget) > 1
+    for flag, value in (("--out", args.out), ("--name", args.name)):
+        if several and value is not None and "{budget}" not in value:
+            raise KVCompressError(f"{flag} {value}: with several budgets it must contain {{budget}}, e.g. specs/tuned-{{budget}}.yaml")
+    outs = [Path(args.out.replace("{budget}", f"{budget:g}")) for budget in args.budget]
+    for out in outs:
+        if not out.parent.is_dir():
+            raise KVCompressError(f"--out {out}: the directory {out.parent} does not exist")
+        for option in (o for role in ROLES for o in options[role] if o.pipeline.codebook is not None):
+            if Path(option.source).resolve().parent != out.parent.resolve():
+                raise KVCompressError(
+                    f"--out {out}: {option.source} names codebook files relative to its own directory; write the "
+                    f"tuned spec there (--out {Path(option.source).parent / out.name}) so its paths resolve the same way"
+                )
+    from kvcompress.hf.cache import check_spec
+    from kvcompress.hf.loading import load_config, load_model
+
+    config = load_config(args.model)
+    for spec in candidates:
+        check_spec(spec, config)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    windows = calibration_windows(tokenizer, text, source, protocol, args.seed)
+    found = measure(model, windows, protocol, layout, options, progress=not args.quiet)
+    items = [(layer, role) for layer in range(len(found.kl)) for role in ROLES]
+    for budget, out in zip(args.budget, outs):
+        picks = choose([found.kl[l][r] for l, r in items], [found.bits[l][r] for l, r in items], budget)
+        chosen: list[dict[str, int]] = [{} for _ in found.kl]
+        for (layer, role), j in zip(items, picks):
+            chosen[layer][role] = j
+        predicted_bits = sum(found.bits[l][r][j] for (l, r), j in zip(items, picks)) / len(items)
+        predicted_kl = sum(found.kl[l][r][j] for (l, r), j in zip(items, picks))
+        name = (args.name or "tuned-{budget}").replace("{budget}", f"{budget:g}")
+        description = (
+            f"Tuned by `kvcompress tune` for {budget:g} bits per element on "
+            f"{getattr(model.config, '_name_or_path', args.model)}, calibration text {source} ({protocol.windows} "
+            f"windows of {protocol.context} + {protocol.continuation} tokens, seed {args.seed}), from "
+            f"{', '.join(c.source or c.name for c in candidates)}: {predicted_bits:.4f} bits per element, summed KL "
+            f"of the layers tried alone {predicted_kl:.4g} nats."
+        )
+        data = tuned_spec_data(name, description, layout, options, chosen)
+        out.write_text(yaml.safe_dump(data, sort_keys=False, width=110))
+        check_written(load_spec(out), options, chosen)
+        print(format_choices(found, chosen))
+        print(f"wrote {out}: {predicted_bits:.4f} bits per element (budget {budget:g})")
+    print(f"tuned in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def format_choices(found: Sensitivity, chosen: list[dict[str, int]]) -> str:
+    """One line per layer: each role's chosen option, its bits, and its KL."""
+    lines = []
+    for layer, choice in enumerate(chosen):
+        parts = []
+        for role in ROLES:
+            j = choice[role]
+            parts.append(f"{role} {Path(found.options[role][j].source).stem} {found.bits[layer][role][j]:.3f} b KL {found.kl[layer][role][j]:.3g}")
+        lines.append(f"layer {layer:>3}: " + "; ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""kvcompress tune: sensitivities measured on calibration text, an exact knapsack over bits, and a tuned spec
+that meets its budget by the framework's own accounting."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompress import KVCompressError, load_spec
+from kvcompress.cli import main
+from kvcompress.eval import text as eval_text
+from kvcompress.eval.text import pydoc_text
+from kvcompress.testing import tiny_tokenizer
+from kvcompress.tune import _selection, choose
+
+pytest.importorskip("kvcompress_scalar", reason="the candidates are kvcompress-scalar pipelines")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(st.integers(1, 40), st.floats(0, 10)), min_size=1, max_size=3), min_size=1, max_size=5),
+    st.integers(1, 40),
+)
+def test_the_knapsack_finds_the_least_loss_within_the_budget(items, budget_units):
+    """Against brute force over every combination, costs in whole quarter bits."""
+    costs = [[c / 4 for c, _ in row] for row in items]
+    losses = [[loss for _, loss in row] for row in items]
+    budget = budget_units / 4
+    feasible = [
+        combo for combo in itertools.product(*(range(len(row)) for row in items))
+        if sum(costs[i][j] for i, j in enumerate(combo)) <= budget * len(items) + 1e-9
+    ]
+    if not feasible:
+        with pytest.raises(KVCompressError, match="the cheapest choice of the candidates averages"):
+            choose(losses, costs, budget)
+        return
+    best = min(sum(losses[i][j] for i, j in enumerate(combo)) for combo in feasible)
+    chosen = choose(losses, costs, budget)
+    assert sum(costs[i][j] for i, j in enumerate(chosen)) <= budget * len(items) + 1e-9
+    assert sum(losses[i][j] for i, j in enumerate(chosen)) == pytest.approx(best)
+
+
+def test_selections_are_written_as_ranges():
+    assert _selection([0, 1, 2, 5]) == "0-2,5" and _selection([7]) == "7" and _selection([1, 3, 4]) == "1,3-4"
+
+
+def candidate(directory: Path, bits: int) -> Path:
+    """Lloyd-Max after a rotation at `bits` for both roles: (bits + 16/16) bits per element at head_dim 16."""
+    role = {"transform": {"method": "hadamard", "seed": 0},
+            "quantizer": {"method": "scalar", "bits": bits, "axis": "token", "group": 16, "grid": "lloyd-max"}}
+    path = directory / f"lm{bits}.yaml"
+    path.write_text(yaml.safe_dump({"name": f"lm{bits}", "window": 4, "compress_run": 4, "keys": role, "values": role}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(pydoc_text()[0][:50_000])
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tune(model_dir: Path, directory: Path, budget: str, *extra: str) -> int:
+    return main(["tune", str(candidate(directory, 1)), str(candidate(directory, 2)), "--budget", budget,
+                 "--out", str(directory / "tuned-{budget}.yaml"), "--model", str(model_dir), "--context", "48",
+                 "--continuation", "12", "--chunk", "4", "--windows", "1", "--quiet", *extra])
+
+
+def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(model_dir, tmp_path, capsys, monkeypatch):
+    # the evaluation text is never read: its reader fails the test if called
+    monkeypatch.setattr(eval_text, "default_text", lambda: pytest.fail("tune read the evaluation text"))
+    assert tune(model_dir, tmp_path, "2,2.5") == 0  # one measurement, a spec per budget
+    printed = capsys.readouterr().out
+    assert "layer   1:" in printed and "wrote" in printed
+    cheapest = load_spec(tmp_path / "tuned-2.yaml")
+    assert all(cheapest.layer(i).keys.quantizer.bits == cheapest.layer(i).values.quantizer.bits == 1 for i in range(2))
+    spec = load_spec(tmp_path / "tuned-2.5.yaml")
+    assert spec.name == "tuned-2.5" and "pydoc_data.topics" in spec.description
+    bits = {spec.layer(i).keys.quantizer.bits for i in range(2)} | {spec.layer(i).values.quantizer.bits for i in range(2)}
+    assert len(bits) > 1  # between 2 (2.0 b) and 3 (3.0 b) bits codes per element: layers must differ
+
+    # measured as `kvcompress eval` measures: the packed rows' bits per element of a filled cache
+    import kvcompress
+    from kvcompress.hf.loading import load_model
+
+    model, _ = load_model(str(model_dir))
+    with kvcompress.patch(model, spec) as patched, torch.inference_mode():
+        cache = patched.cache()
+        model(input_ids=torch.randint(0, 300, (1, 64)), past_key_values=cache, use_cache=True)
+    measured = cache.bits_per_element()
+    # four (layer, role) pipelines at 2 or 3 bits: the closest average to the budget is within 1/4 bit
+    assert measured <= 2.5 + 1e-9 and 2.5 - measured < 1 / 4 + 1e-9
+    assert f"{measured:.4f} bits per element" in spec.description
+
+    # deterministic for a seed
+    first = (tmp_path / "tuned-2.5.yaml").read_text()
+    assert tune(model_dir, tmp_path, "2.5") == 0
+    assert (tmp_path / "tuned-2.5.yaml").read_text() == first
+
+
+def test_tune_refuses_the_evaluation_text_before_loading_the_model(tmp_path, capsys):
+    if not eval_text.DEFAULT_TEXT.is_file():
+        pytest.skip(f"{eval_text.DEFAULT_TEXT} is not on this system")
+    assert tune(tmp_path / "no-model", tmp_path, "2.5", "--text", str(eval_text.DEFAULT_TEXT)) == 1
+    assert "that is the text `kvcompress eval` measures on" in capsys.readouterr().err
+
+
+def test_several_budgets_need_a_budget_in_the_file_name(tmp_path, capsys):
+    code = main(["tune", str(candidate(tmp_path, 1)), "--budget", "2,3", "--out", str(tmp_path / "t.yaml")])
+    assert code == 1 and "with several budgets it must contain {budget}" in capsys.readouterr().err
+
+
+def test_candidates_must_share_their_layout(tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(candidate(tmp_path, 2).read_text())
+    other.write_text(yaml.safe_dump({**data, "name": "other", "window": 8}))
+    code = main(["tune", str(candidate(tmp_path, 4)), str(other), "--budget", "3", "--out", str(tmp_path / "t.yaml")])
+    assert code == 1 and "candidates must share them" in capsys.readouterr().err
