@@ -170,9 +170,10 @@ class KVCompressLM(HFLM):
 def _device(requested: str | None) -> str:
     """Where to put a model loaded here. The harness asks for cuda:0 unless told otherwise; like HFLM, a
     machine without CUDA runs on the CPU then."""
-    if requested is not None and not (requested.startswith("cuda") and not torch.cuda.is_available()):
-        return requested
-    if requested is not None:
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("device %s: CUDA is not available, running on the CPU", requested)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cpu"
+    return requested
 
