@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test bench bench-e2e bench-kvpress gpu-check clean
+.PHONY: install demo test test-lm-eval bench bench-e2e bench-kvpress gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,15 @@ demo: install $(CODEBOOKS)
 
 test: install
 	$(PY) -m pytest tests $(addsuffix tests,$(dir $(PLUGINS)))
+
+# lm-evaluation-harness (about 700 MB with its dependencies) and the tests of kvcompress's model for it, which
+# `make test` skips while the harness is absent.
+test-lm-eval: $(VENV)/.installed-lm-eval
+	$(PY) -m pytest tests/test_lm_eval.py
+
+$(VENV)/.installed-lm-eval: $(VENV)/.installed
+	$(PIP) install -e ".[lm-eval]"
+	touch $@
 
 bench: install $(CODEBOOKS)
 	$(PY) benchmarks/codecs.py

@@ -1,4 +1,5 @@
-"""Fixtures over kvcompress.testing's tiny random models, for the cache, attention and patch tests (seconds on CPU)."""
+"""Fixtures over kvcompress.testing's tiny random models, for the cache, attention and patch tests, and a tiny
+Llama with its own tokenizer for the eval and lm-eval tests (seconds on CPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,39 @@ from typing import Callable
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcompress.testing import ARCHITECTURES, tiny_model
+from kvcompress.eval.text import default_text
+from kvcompress.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return default_text()[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text):
+    return tiny_tokenizer(text)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def float_spec(dtype: str = "float32", window: int = 0, sinks: int = 0, **extra) -> dict:

@@ -14,16 +14,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
 from kvcompress.eval import command, needle  # noqa: E402
-from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perplexity, tokenize_text  # noqa: E402
+from kvcompress.eval.perplexity import (  # noqa: E402
+    Protocol, continuation_nll, continuation_scores, evaluate_perplexity, tokenize_text,
+)
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
-from kvcompress.eval.text import default_text  # noqa: E402
-from kvcompress.testing import tiny_tokenizer  # noqa: E402
 
 # Stores tokens as float32 through the compressed cache's whole path: perplexity must equal the baseline's.
 FLOAT32_SPEC = {
@@ -31,35 +31,6 @@ FLOAT32_SPEC = {
     "keys": {"quantizer": {"method": "float", "dtype": "float32"}},
     "values": {"quantizer": {"method": "float", "dtype": "float32"}},
 }
-
-
-@pytest.fixture(scope="module")
-def text() -> str:
-    return default_text()[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text):
-    return tiny_tokenizer(text)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def manual_dynamic_cache_nll(model, ids: torch.Tensor, context: int, continuation: int, chunk: int) -> tuple[float, int]:
@@ -156,6 +127,21 @@ def test_chunked_nll_equals_one_full_forward_pass(model, tokenizer, text):
         logits = model(input_ids=ids).logits[0, 31:48].float()
     full = F.cross_entropy(logits, ids[0, 32:49], reduction="sum").item()
     assert nll == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", [None, FLOAT32_SPEC], ids=["dynamic", "float32"])
+def test_continuations_side_by_side_score_as_each_alone(model, tokenizer, text, spec):
+    """One prefill, the cache repeated per continuation, rows of unequal length: each row's log-probabilities
+    and greedy flags are those of that continuation scored alone (the padding after a short row is unseen)."""
+    ids = torch.tensor(tokenizer(text)["input_ids"][:80])
+    context, continuations = ids[:40], [ids[40:45], ids[40:41], ids[50:80]]
+    with Runner("row", None if spec is None else kvcompress.parse_spec(spec)).session(model) as new_cache:
+        together = continuation_scores(model, context, continuations, 7, new_cache())
+        alone = [continuation_scores(model, context, [c], 7, new_cache())[0] for c in continuations]
+    for (log_probs, greedy), (expected, expected_greedy), continuation in zip(together, alone, continuations):
+        assert log_probs.shape == greedy.shape == continuation.shape
+        torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(greedy, expected_greedy)
 
 
 def test_a_float32_spec_reproduces_the_baseline_and_restores_the_model(model, tokenizer, text):

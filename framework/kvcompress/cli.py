@@ -156,6 +156,27 @@ def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace, registry: Registry) -> int:
+    """lm-evaluation-harness's own command line, with the `kvcompress` model registered."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise KVCompressError(
+            "kvcompress lm-eval runs lm-evaluation-harness, which is not installed; install it with "
+            "`pip install 'kvcompress[lm-eval]'` (or `make test-lm-eval` in a checkout)"
+        )
+    import kvcompress.hf.lm_eval  # noqa: F401  (registers the model)
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args.harness_args]  # the harness's parser reads sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Real KV-cache compression for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +210,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_roundtrip)
+
+    # Every argument, options included, belongs to the harness: this parser recognizes none ("+" prefixes).
+    p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,
+                       help="lm-evaluation-harness with the kvcompress model (--model kvcompress --model_args spec=...)")
+    p.add_argument("harness_args", nargs=argparse.REMAINDER, metavar="ARG", help="lm-eval's arguments")
+    p.set_defaults(run=cmd_lm_eval)
 
     helps = {"eval": "perplexity / needle retrieval of specs on a model, against the full-precision baseline",
              "calibrate": "learn a spec's codebooks from a model's keys and values",

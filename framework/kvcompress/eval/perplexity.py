@@ -71,6 +71,25 @@ def tokenize_text(tokenizer: Any, text: str, protocol: Protocol, source: str) ->
     return torch.tensor(ids[:needed], dtype=torch.long).reshape(protocol.windows, protocol.tokens)
 
 
+def shared_context_logits(
+    model: Any, context: "torch.Tensor", rows: "torch.Tensor", chunk: int, cache: Any
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(logits [rows, n, vocab], targets [rows, n]) of each forward scoring `rows` [rows, length] as
+    continuations of one `context` [tokens]: the context's prefill (its last position predicts each row's first
+    token), then, with the cache repeated once per row, the rows side by side, `chunk` tokens per forward, each
+    predicting the next tokens from the cache of everything before it. Causal attention keeps what follows a
+    row's end (padding of a shorter row) out of that row's scores. Call under torch.inference_mode."""
+    rows = rows.to(model.device)
+    out = model(input_ids=context[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    yield out.logits.expand(rows.shape[0], -1, -1), rows[:, :1]
+    if rows.shape[0] > 1:
+        cache.batch_repeat_interleave(rows.shape[0])
+    for start in range(0, rows.shape[1] - 1, chunk):
+        stop = min(start + chunk, rows.shape[1] - 1)
+        out = model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True)
+        yield out.logits, rows[:, start + 1 : stop + 1]
+
+
 def continuation_logits(
     model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
 ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
@@ -78,12 +97,34 @@ def continuation_logits(
     last position, then each chunk of the continuation fed through `cache`. Call under torch.inference_mode."""
     if input_ids.shape != (1, protocol.tokens):
         raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    input_ids = input_ids.to(model.device)
-    out = model(input_ids=input_ids[:, : protocol.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    yield out.logits[0, -1:], input_ids[0, protocol.context : protocol.context + 1]
-    for start, stop in protocol.chunks():
-        out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
-        yield out.logits[0], input_ids[0, start + 1 : stop + 1]
+    for logits, targets in shared_context_logits(
+        model, input_ids[0, : protocol.context], input_ids[:, protocol.context :], protocol.chunk, cache
+    ):
+        yield logits[0], targets[0]
+
+
+def continuation_scores(
+    model: Any, context: "torch.Tensor", continuations: "list[torch.Tensor]", chunk: int, cache: Any
+) -> "list[tuple[torch.Tensor, torch.Tensor]]":
+    """(log-probability, greedy) of each token of each continuation of one context, read through `cache`
+    (shared_context_logits: one prefill, the continuations side by side). For each continuation: its float32
+    log-probabilities and whether each token was the most likely one there, both [len] tensors."""
+    import torch
+
+    if context.dim() != 1 or context.numel() < 1 or not continuations or min(c.numel() for c in continuations) < 1:
+        raise ValueError("continuation_scores needs a 1-d context and continuations of at least one token each")
+    lengths = [c.numel() for c in continuations]
+    rows = torch.zeros(len(continuations), max(lengths), dtype=torch.long)
+    for row, continuation in enumerate(continuations):
+        rows[row, : lengths[row]] = continuation
+    log_probs, greedy = [], []
+    with torch.inference_mode():
+        for logits, targets in shared_context_logits(model, context, rows, chunk, cache):
+            logits = logits.float()
+            log_probs.append(logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+            greedy.append(logits.argmax(-1) == targets)
+    scores, hits = torch.cat(log_probs, 1), torch.cat(greedy, 1)
+    return [(scores[row, :length], hits[row, :length]) for row, length in enumerate(lengths)]
 
 
 def continuation_nll(
