@@ -321,6 +321,8 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(KVCompressError, match="no CUDA device"):
             command.resolve_device("cuda")
+    with pytest.raises(KVCompressError, match="--device meta: evaluation runs on cpu or cuda"):
+        command.resolve_device("meta")
 
 
 def test_eval_refuses_duplicate_names_and_bad_paths_before_the_model_loads(tmp_path, monkeypatch):

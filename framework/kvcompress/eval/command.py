@@ -106,6 +106,9 @@ def resolve_device(name: str) -> "torch.device":
         raise KVCompressError(f"--device {name!r}: not a torch device; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KVCompressError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        # meta tensors hold no data and other backends are untested: a run there would fail mid-evaluation
+        raise KVCompressError(f"--device {name}: evaluation runs on cpu or cuda[:N]; use --device cpu or --device cuda")
     return device
 
 
