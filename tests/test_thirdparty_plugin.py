@@ -66,3 +66,14 @@ def test_without_the_plugin_the_spec_names_what_is_missing(tmp_path):
     assert result.returncode == 2
     assert "values.quantizer.method: unknown quantizer method 'absmax'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_conformance_error_bound_must_be_set_by_the_plugin():
+    """A default bound would pass a method that stores nothing (its round-trip error is exactly 1)."""
+    from kvcompress.testing import QuantizerConformance
+
+    class Unset(QuantizerConformance):
+        spec = {"method": "float", "dtype": "float16"}
+
+    with pytest.raises(pytest.fail.Exception, match="Unset: set max_relative_error"):
+        Unset().test_error_bound()

@@ -135,14 +135,23 @@ def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class QuantizerConformance:
-    """Checks every quantizer must pass. Set the class attributes in your subclass."""
+    """Checks every quantizer must pass. Set the class attributes in your subclass:
+
+    spec: the quantizer's spec as in a spec file; role: "keys" or "values"; head_dim, kv_heads, batch: the
+    shape of the test tensors; max_relative_error: required, the relative Frobenius error of a round trip
+    on N(0, 1) data your method must stay under (measure it and leave a little room; there is no default,
+    since any default would pass a method that stores nothing, whose error is exactly 1); codebook: what
+    the pipeline's codebook stage would hand the factory (an object, a `LayerContext -> object` callable,
+    or a codebook spec dict built through the registry); transform: a transform spec dict run before the
+    quantizer, as a pipeline would.
+    """
 
     spec: dict = {}
     role: str = "keys"
     head_dim: int = 64
     kv_heads: int = 2
     batch: int = 2
-    max_relative_error: float = 1.0
+    max_relative_error: float | None = None
     codebook: Codebook = None
     transform: dict | None = None
 
@@ -226,6 +235,8 @@ class QuantizerConformance:
         assert torch.equal(codec.decode(joined), expected)
 
     def test_error_bound(self) -> None:
+        if self.max_relative_error is None:
+            pytest.fail(f"{type(self).__name__}: set max_relative_error to the round-trip error your method measures")
         codec = self.codec()
         x = self.sample(self.tokens(codec))
         assert relative_error(x, codec.decode(codec.encode(x))) <= self.max_relative_error
@@ -247,7 +258,10 @@ class QuantizerConformance:
 
 
 class EstimatorConformance:
-    """An estimator must agree with the decode estimator on the same packed state."""
+    """An estimator must agree with the decode estimator on the same packed state. Set in your subclass:
+    quantizer and estimator (spec dicts), role, head_dim, kv_heads, queries_per_kv_head (query heads per KV
+    head x query length), codebook (as in QuantizerConformance), and atol/rtol, the tolerance of its scores
+    and mixes against decode-then-matmul."""
 
     quantizer: dict = {}
     estimator: dict = {}
