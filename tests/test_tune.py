@@ -84,11 +84,16 @@ def tune(model_dir: Path, directory: Path, budget: str, *extra: str) -> int:
 def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(model_dir, tmp_path, capsys, monkeypatch):
     # the evaluation text is never read: its reader fails the test if called
     monkeypatch.setattr(eval_text, "default_text", lambda: pytest.fail("tune read the evaluation text"))
-    assert tune(model_dir, tmp_path, "2,2.5") == 0  # one measurement, a spec per budget
+    sensitivity = tmp_path / "sensitivity.json"
+    assert tune(model_dir, tmp_path, "2,2.25,2.5", "--sensitivity", str(sensitivity)) == 0  # one measurement
     printed = capsys.readouterr().out
     assert "layer   1:" in printed and "wrote" in printed
     cheapest = load_spec(tmp_path / "tuned-2.yaml")
     assert all(cheapest.layer(i).keys.quantizer.bits == cheapest.layer(i).values.quantizer.bits == 1 for i in range(2))
+    # one of four pipelines at 2 bits: written as a per-layer override that resolves to it
+    quarter = load_spec(tmp_path / "tuned-2.25.yaml")
+    assert quarter.layers and sorted(
+        quarter.layer(i).keys.quantizer.bits + quarter.layer(i).values.quantizer.bits for i in range(2)) == [2, 3]
     spec = load_spec(tmp_path / "tuned-2.5.yaml")
     assert spec.name == "tuned-2.5" and "pydoc_data.topics" in spec.description
     bits = {spec.layer(i).keys.quantizer.bits for i in range(2)} | {spec.layer(i).values.quantizer.bits for i in range(2)}
@@ -110,6 +115,12 @@ def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(m
     # deterministic for a seed
     first = (tmp_path / "tuned-2.5.yaml").read_text()
     assert tune(model_dir, tmp_path, "2.5") == 0
+    assert (tmp_path / "tuned-2.5.yaml").read_text() == first
+    # the stored sensitivities serve another budget without measuring: the model's forward is never called
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *a, **k: pytest.fail("measured again"))
+    assert tune(model_dir, tmp_path, "2.5", "--sensitivity", str(sensitivity)) == 0
     assert (tmp_path / "tuned-2.5.yaml").read_text() == first
 
 

@@ -16,6 +16,7 @@ measures on by default is refused, so a tuned spec is never fitted to its own ev
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=16, help="continuation tokens fed per forward (default 16)")
     parser.add_argument("--windows", type=int, default=2, help="calibration windows (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="which windows of the calibration text are read")
+    parser.add_argument(
+        "--sensitivity", metavar="FILE",
+        help="JSON of the measured sensitivities: read when it exists and was measured with the same candidates, "
+        "model, text, windows and seed; otherwise measured and written there (tune other budgets without measuring again)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -241,11 +247,26 @@ def check_written(spec: CacheSpec, options: dict[str, list[Option]], chosen: lis
     for layer, choice in enumerate(chosen):
         plan = spec.layer(layer)
         for role in ROLES:
-            if getattr(plan, role) != options[role][choice[role]].pipeline:
+            # compared as data: a resolved plan and a validated spec hold the same stages in different classes
+            if getattr(plan, role).model_dump(mode="json") != options[role][choice[role]].pipeline.model_dump(mode="json"):
                 raise KVCompressError(
                     f"layer {layer} {role}: the candidates' pipelines differ in stages that per-layer overrides "
                     "cannot remove; give the candidates the same stages (e.g. all with or all without a transform)"
                 )
+
+
+def read_sensitivity(path: Path, settings: dict[str, Any], options: dict[str, list[Option]]) -> Sensitivity | None:
+    """The sensitivities stored in `path` if they were measured with `settings`, else None (measure again)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KVCompressError(f"--sensitivity {path}: not a file tune wrote ({exc}); remove it to measure again") from None
+    if {key: stored.get(key) for key in settings} != json.loads(json.dumps(settings)):
+        print(f"{path}: measured with other candidates, model, text or protocol; measuring again")
+        return None
+    return Sensitivity(options=options, kl=stored["kl"], bits=stored["bits"])
 
 
 def calibration_windows(tokenizer: Any, text: str, source: str, protocol: Any, seed: int) -> "torch.Tensor":
@@ -303,8 +324,17 @@ def run(args: argparse.Namespace) -> int:
         check_spec(spec, config)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    windows = calibration_windows(tokenizer, text, source, protocol, args.seed)
-    found = measure(model, windows, protocol, layout, options, progress=not args.quiet)
+    settings = {
+        "model": getattr(model.config, "_name_or_path", args.model), "text": source, "seed": args.seed,
+        "protocol": [protocol.context, protocol.continuation, protocol.chunk, protocol.windows], "layout": layout,
+        "options": {role: [o.pipeline.model_dump(mode="json") for o in options[role]] for role in ROLES},
+    }
+    found = read_sensitivity(Path(args.sensitivity), settings, options) if args.sensitivity else None
+    if found is None:
+        windows = calibration_windows(tokenizer, text, source, protocol, args.seed)
+        found = measure(model, windows, protocol, layout, options, progress=not args.quiet)
+        if args.sensitivity:
+            Path(args.sensitivity).write_text(json.dumps({**settings, "kl": found.kl, "bits": found.bits}) + "\n")
     items = [(layer, role) for layer in range(len(found.kl)) for role in ROLES]
     for budget, out in zip(args.budget, outs):
         picks = choose([found.kl[l][r] for l, r in items], [found.bits[l][r] for l, r in items], budget)
