@@ -374,3 +374,25 @@ def test_a_filled_cache_survives_torch_save_and_load(make_model):
         want = model(input_ids=step, past_key_values=cache, use_cache=True).logits
         got = model(input_ids=step, past_key_values=loaded, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window, prompt, chunk", [(32, 20, 1), (32, 17, 4), (32, 47, 1), (500, 256, 16), (40, 30, 16)])
+def test_a_tail_shorter_than_the_window_keeps_every_token(make_model, make_float_spec, window, prompt, chunk):
+    """A tail between `window - run` and `window` tokens lost its oldest tokens (floor division of a negative
+    excess sliced it from the end): a 20-token prompt under window 32 dropped 4, silently."""
+    model = make_model("llama")
+    spec = kvcompress.parse_spec(make_float_spec(window=window, compress_run=16))
+    ids = torch.randint(0, 128, (1, prompt + 3 * chunk), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        reference = DynamicCache(config=model.config)
+        want = [model(input_ids=ids[:, :prompt], past_key_values=reference).logits]
+        with kvcompress.patch(model, spec) as patched:
+            cache = patched.cache()
+            got = [model(input_ids=ids[:, :prompt], past_key_values=cache).logits]
+            for start in range(prompt, ids.shape[1], chunk):
+                want.append(model(input_ids=ids[:, start : start + chunk], past_key_values=reference).logits)
+                got.append(model(input_ids=ids[:, start : start + chunk], past_key_values=cache).logits)
+                layer = cache.layers[0]
+                assert layer.sink_tokens + layer.compressed_tokens + layer.tail_tokens == layer.seen
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -384,7 +384,8 @@ class CompressedLayer(CacheLayerMixin):
         first_position = self.seen + count - keys.shape[2]
         self.seen += count
         run = self.codecs.run
-        overflow = (keys.shape[2] - self.codecs.window) // run * run
+        # max(0, ...): floor division of a negative excess would slice the tail from the end and lose tokens
+        overflow = max(0, (keys.shape[2] - self.codecs.window) // run * run)
         self.tail_keys = _owned(keys[:, :, overflow:])
         self.tail_values = _owned(values[:, :, overflow:])
         if overflow <= 0:
@@ -447,7 +448,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _room(self, step: int) -> int:
         """Tokens per head the candidates may keep: the target less the sinks and window, in multiples of step."""
-        return (self._eviction_target() - self.sink_tokens - self.tail_tokens) // step * step
+        return max(0, (self._eviction_target() - self.sink_tokens - self.tail_tokens) // step * step)
 
     def _select(self, candidates: Candidates, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The evictor's choice, checked, indices cut to the longest head's count."""
