@@ -345,8 +345,8 @@ def run(args: argparse.Namespace) -> int:
         predicted_kl = sum(found.kl[l][r][j] for (l, r), j in zip(items, picks))
         name = (args.name or "tuned-{budget}").replace("{budget}", f"{budget:g}")
         description = (
-            f"Tuned by `kvcompress tune` for {budget:g} bits per element on "
-            f"{getattr(model.config, '_name_or_path', args.model)}, calibration text {source} ({protocol.windows} "
+            f"Tuned by `kvcompress tune` for {budget:g} bits per element on {args.model}, calibration text "
+            f"{source} ({protocol.windows} "
             f"windows of {protocol.context} + {protocol.continuation} tokens, seed {args.seed}), from "
             f"{', '.join(c.source or c.name for c in candidates)}: {predicted_bits:.4f} bits per element, summed KL "
             f"of the layers tried alone {predicted_kl:.4g} nats."
