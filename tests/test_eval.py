@@ -4,6 +4,8 @@ slow tests on SmolLM2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 
@@ -13,67 +15,21 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
-from kvcompress.eval import command, needle  # noqa: E402
+from kvcompress.eval import command, needle, ruler_tasks  # noqa: E402
 from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perplexity, tokenize_text  # noqa: E402
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
-from kvcompress.eval.text import default_text  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Stores tokens as float32 through the compressed cache's whole path: perplexity must equal the baseline's.
 FLOAT32_SPEC = {
     "name": "float32",
     "keys": {"quantizer": {"method": "float", "dtype": "float32"}},
     "values": {"quantizer": {"method": "float", "dtype": "float32"}},
 }
-
-
-@pytest.fixture(scope="module")
-def text() -> str:
-    return default_text()[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(text):
-    """A small byte-level BPE trained on the default text, with a chat template (no model files needed)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
-    )
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def manual_dynamic_cache_nll(model, ids: torch.Tensor, context: int, continuation: int, chunk: int) -> tuple[float, int]:
@@ -193,12 +149,12 @@ def test_insert_needle_moves_to_a_sentence_end():
 
 
 def test_needle_settings_parse_and_validate():
-    s = needle.NeedleSettings.from_strings("64,128", "0.25,0.75", 8, 3)
+    s = needle.NeedleSettings.from_strings("64,128", "0.25,0.75", 8, "3")
     assert s.lengths == (64, 128) and s.depths == (0.25, 0.75)
     with pytest.raises(KVCompressError, match="--depths"):
-        needle.NeedleSettings.from_strings("64", "0.5,1.5", 8, 0)
+        needle.NeedleSettings.from_strings("64", "0.5,1.5", 8, "0")
     with pytest.raises(KVCompressError, match="--lengths"):
-        needle.NeedleSettings.from_strings("64,x", "0.5", 8, 0)
+        needle.NeedleSettings.from_strings("64,x", "0.5", 8, "0")
 
 
 def test_trials_hide_a_seeded_number_at_each_depth(tokenizer, text):
@@ -275,6 +231,42 @@ def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["name"] == BASELINE and rows[0]["trials"] == 1
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_ruler_task_runs_end_to_end_with_seeds_and_a_plot(model_dir, tmp_path, capsys, monkeypatch):
+    """Baseline and a float32 spec answer the same prompts (two seeds, two tasks); the JSON holds every reply,
+    the table each task's mean and spread, and the plot is drawn from the rows."""
+    for name in ("niah_single_1", "vt"):  # the random model never stops: short answers keep the test quick
+        monkeypatch.setitem(ruler_tasks.TASKS, name, dataclasses.replace(ruler_tasks.TASKS[name], budget=6))
+    spec = tmp_path / "f32.json"
+    spec.write_text(json.dumps(FLOAT32_SPEC))
+    out, picture = tmp_path / "ruler.json", tmp_path / "ruler.svg"
+    argv = [str(spec), "--task", "ruler", "--model", str(model_dir), "--lengths", "1536", "--seed", "0,1",
+            "--ruler-tasks", "niah_single_1,vt", "--json", str(out)]
+    matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert command.run(parse(argv + (["--plot", str(picture)] if matplotlib else []))) == 0
+    printed = capsys.readouterr().out
+    assert "ruler @ 1536 tokens" in printed and "mean ± sample std over seeds 0,1" in printed
+    written = json.loads(out.read_text())
+    assert written["header"]["protocol"] == {"lengths": [1536], "seeds": [0, 1], "samples": 1, "tasks": ["niah_single_1", "vt"]}
+    rows = written["results"]
+    assert [r["name"] for r in rows] == [BASELINE, "float32"]
+    for row in rows:
+        assert [(r["seed"], r["task"]) for r in row["replies"]] == [(0, "niah_single_1"), (0, "vt"), (1, "niah_single_1"), (1, "vt")]
+        assert all(r["prompt_tokens"] <= 1536 for r in row["replies"])
+        vt = row["tasks"]["vt"]["1536"]
+        assert vt["by_seed"] == {str(r["seed"]): 100 * r["score"] for r in row["replies"] if r["task"] == "vt"}
+        assert row["cache_bytes"] > 0 and row["bits_per_element"] > 0
+    # float32 storage: the same greedy replies as the baseline.
+    assert [r["reply"] for r in rows[0]["replies"]] == [r["reply"] for r in rows[1]["replies"]]
+    if matplotlib:
+        assert b"<svg" in picture.read_bytes()[:2000]
+
+
+def test_eval_needle_refuses_several_seeds_before_the_model_loads(monkeypatch):
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
+    with pytest.raises(KVCompressError, match="the needle task takes one seed"):
+        command.run(parse(["--task", "needle", "--seed", "0,1"]))
 
 
 def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
