@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kvcompress.errors import KVCompressError
 from kvcompress.eval.runners import BASELINE
 
 SUFFIXES = (".png", ".svg")
+LABEL_SIZE = 8
 INSTALL = 'pip install "kvcompress[plot]" (in a checkout: pip install -e ".[plot]", which make install runs)'
 
 
@@ -84,15 +85,49 @@ def figure(data: PlotData) -> Any:
         ax.scatter([x(data.baseline)], [data.baseline.quality], marker="*", s=220, color="black", zorder=3,
                    label=f"{BASELINE} {data.baseline.quality:.3g}")
         ax.scatter([x(p) for p in data.specs], [p.quality for p in data.specs], s=40, color="tab:blue", zorder=3)
-        for p in data.specs:
-            ax.annotate(p.name, (x(p), p.quality), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     axes[0].set_ylabel(data.quality_label)
     fig.suptitle(data.title)
+    # Labels are placed where the final layout puts the points, so the layout runs first.
+    fig.draw_without_rendering()
+    for ax, (_, x) in zip(axes, panels):
+        spots = label_spots(ax, data.specs, x)
+        for p in data.specs:
+            dx, dy, align = spots[p.name]
+            ax.annotate(p.name, (x(p), p.quality), textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=LABEL_SIZE)
     return fig
+
+
+# Where a label may go, in points from its point (dx, dy, alignment), tried in order until it covers no other.
+LABEL_SPOTS = ((5, 3, "left"), (5, -11, "left"), (-5, 3, "right"), (-5, -11, "right"), (5, 13, "left"), (5, -21, "left"))
+
+
+def label_spots(ax: Any, points: tuple[Point, ...], x: Callable[[Point], float]) -> dict[str, tuple[int, int, str]]:
+    """Each label's spot beside its point, chosen so that labels do not cover one another (specs with the same
+    bits, such as rot-k4v2 and streaming-rot-k4v2, would otherwise print on top of each other)."""
+    scale = 72 / ax.figure.dpi  # display pixels to points
+
+    def where(p: Point) -> tuple[float, float]:
+        px, py = ax.transData.transform((x(p), p.quality))
+        return px * scale, py * scale
+
+    # the markers are obstacles too (4 points around each)
+    boxes = [(px - 4, py - 4, px + 4, py + 4) for px, py in map(where, points)]
+    spots = {}
+    for p in sorted(points, key=lambda p: (x(p), p.quality)):
+        px, py = where(p)
+        width = 0.6 * LABEL_SIZE * len(p.name)
+        for dx, dy, align in LABEL_SPOTS:
+            left = px + dx - (width if align == "right" else 0)
+            box = (left, py + dy, left + width, py + dy + LABEL_SIZE)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        spots[p.name] = (dx, dy, align)
+    return spots
 
 
 def save_plot(data: PlotData, path: Path) -> None:

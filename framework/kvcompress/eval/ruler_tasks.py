@@ -54,6 +54,10 @@ class Sample:
     evidence: tuple[tuple[int, str], ...]
 
 
+# build(material, rng, size, length): one sample of a task.
+Builder = Callable[[Material, random.Random, int, int], Sample]
+
+
 @dataclass(frozen=True)
 class Task:
     """A task: its answer's token budget, what its size counts, the smallest size that makes a sample, and
@@ -63,7 +67,7 @@ class Task:
     budget: int
     unit: str
     min_size: int
-    build: Callable[[Material, random.Random, int, int], Sample]
+    build: Builder
     max_size: Callable[[Material], int] | None = None
 
 
@@ -119,7 +123,7 @@ def distinct_values(kind: str, count: int, rng: random.Random, material: Materia
     return values
 
 
-def niah(haystack: str, key_kind: str, value_kind: str, keys: int = 1, values: int = 1, queries: int = 1) -> Callable:
+def niah(haystack: str, key_kind: str, value_kind: str, keys: int = 1, values: int = 1, queries: int = 1) -> Builder:
     """A needle-in-a-haystack builder: `keys` needles (each with `values` values) hidden in a haystack of
     `noise` lines, `essay` text or `needle` distractors; the question asks the values of `queries` keys."""
 
@@ -151,18 +155,14 @@ def niah(haystack: str, key_kind: str, value_kind: str, keys: int = 1, values: i
         query = asked[0] if queries == 1 else ", ".join(asked[:-1]) + ", and " + asked[-1]
         one = queries * values == 1
         kind = value_kind[:-1] if one else value_kind
-        intro = (
-            f"A special magic {kind} is hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {kind} afterwards."
-            if one else
-            f"Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {kind} afterwards."
+        verb = "is" if one else "are"
+        head = (
+            f"{'A' if one else 'Some'} special magic {kind} {verb} hidden within the following text. Make sure to "
+            f"memorize it. I will quiz you about the {kind} afterwards.\n"
         )
-        verb = "is" if one else "are all"
-        question = f"What {verb} the special magic {kind} for {query} mentioned in the provided text?"
-        head = f"{intro}\n"
+        question = f"What {'is' if one else 'are all'} the special magic {kind} for {query} mentioned in the provided text?"
         content = f"{head}{context}\n{question}"
-        reply_prefix = f"The special magic {kind} for {query} mentioned in the provided text {'is' if one else 'are'}"
+        reply_prefix = f"The special magic {kind} for {query} mentioned in the provided text {verb}"
         evidence = tuple(
             (len(head) + offset, sentence)
             for offset, (key, sentence) in zip(offsets, needles) if key in asked
@@ -172,7 +172,7 @@ def niah(haystack: str, key_kind: str, value_kind: str, keys: int = 1, values: i
     return build
 
 
-def variable_tracking(hops: int = 4) -> Callable:
+def variable_tracking(hops: int = 4) -> Builder:
     """A chain VAR A = N, VAR B = VAR A, ... hidden in noise lines; the answer is every variable holding N.
     One worked example (of five noise lines) comes first, as in RULER."""
 
@@ -203,7 +203,7 @@ def variable_tracking(hops: int = 4) -> Callable:
     return build
 
 
-def common_words(common: int = 10) -> Callable:
+def common_words(common: int = 10) -> Builder:
     """A numbered list of words in which `common` words repeat more often than the rest (30 against 3 times at
     4096 tokens and above, 6 against 1 below, as RULER); the answer is those words. One worked example first."""
 
@@ -233,7 +233,7 @@ def common_words(common: int = 10) -> Callable:
     return build
 
 
-def frequent_words(alpha: float = 2.0, top: int = 3) -> Callable:
+def frequent_words(alpha: float = 2.0, top: int = 3) -> Builder:
     """Coded words (6 random letters) drawn with Zipf counts (the k-th most frequent: size * k^-alpha / zeta(alpha)
     times); the most frequent is '...' (noise, to be ignored), the answer is the next `top`. The vocabulary
     has length // 50 words, as RULER's."""
