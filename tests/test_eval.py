@@ -19,7 +19,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
-from kvcompress.eval import command, needle, ruler_tasks  # noqa: E402
+from kvcompress.eval import command, needle, ruler, ruler_tasks  # noqa: E402
 from kvcompress.eval.perplexity import Protocol, continuation_nll, evaluate_perplexity, tokenize_text  # noqa: E402
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
@@ -382,3 +382,17 @@ def test_smollm2_generates_fluent_chat_text_from_a_compressed_cache(smollm2):
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert cache.compressed_tokens() > 0
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_ruler_finds_a_single_needle_through_a_compressed_cache(smollm2, text):
+    model, tokenizer = smollm2
+    pytest.importorskip("kvcompress_scalar")
+    settings = ruler.RulerSettings((1024,), tasks=("niah_single_1",))
+    prompts = ruler.build_prompts(tokenizer, text, "default", settings, model.config.max_position_embeddings)
+    runners = [Runner(BASELINE, None), Runner("kivi-4", kvcompress.load_spec("specs/kivi-4.yaml"))]
+    rows = ruler.evaluate_ruler(model, tokenizer, prompts, runners, settings)
+    # the needle's 7-digit number, in the baseline's reply and in KIVI-4's
+    assert [row["replies"][0]["score"] for row in rows] == [1.0, 1.0], [row["replies"][0]["reply"] for row in rows]
+    assert rows[1]["cache_bytes"] < rows[0]["cache_bytes"]
+
