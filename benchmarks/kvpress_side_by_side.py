@@ -45,7 +45,8 @@ import torch
 
 import kvcompress
 from kvcompress import KVCompressError
-from kvcompress.eval.needle import NeedleSettings, Trial, answer, build_trials, retrieved
+from kvcompress.eval.generation import greedy_reply
+from kvcompress.eval.needle import NeedleSettings, Trial, build_trials, retrieved
 from kvcompress.eval.perplexity import Protocol, continuation_nll, tokenize_text
 from kvcompress.eval.report import run_header
 from kvcompress.eval.text import read_text
@@ -172,7 +173,7 @@ def run_ours(
             needle = []
             for trial in trials:
                 spec = our_spec(pair["method"], pair["ratio"], trial.input_ids.shape[1])
-                reply = answer(model, tokenizer, trial, patched.cache(spec), max_new_tokens)
+                reply = greedy_reply(model, tokenizer, trial.input_ids, patched.cache(spec), max_new_tokens)
                 needle.append({"reply": reply, "correct": retrieved(reply, trial.number)})
         rows.append({**pair, "ppl": {"nll": nll, "scored": scored, "bytes": after_prefill[0]}, "needle": needle,
                      "seconds": time.perf_counter() - started})
@@ -180,7 +181,7 @@ def run_ours(
 
 
 def score_kvpress(tokenizer: Any, rows: list[dict[str, Any]], trials: list[Trial]) -> None:
-    """Decode and score the worker's needle replies as kvcompress.eval.needle.answer and retrieved do."""
+    """Decode and score the worker's needle replies as kvcompress.eval.generation.greedy_reply and needle.retrieved do."""
     for row in rows:
         for reply, trial in zip(row["needle"], trials):
             reply["reply"] = tokenizer.decode(reply.pop("reply_ids"), skip_special_tokens=True).strip()

@@ -4,6 +4,8 @@ slow tests on SmolLM2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import statistics
@@ -18,7 +20,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
-from kvcompress.eval import command, needle  # noqa: E402
+from kvcompress.eval import command, needle, ruler, ruler_tasks  # noqa: E402
 from kvcompress.eval.perplexity import (  # noqa: E402
     Protocol, continuation_nll, continuation_scores, evaluate_perplexity, tokenize_text,
 )
@@ -196,12 +198,12 @@ def test_insert_needle_moves_to_a_sentence_end():
 
 
 def test_needle_settings_parse_and_validate():
-    s = needle.NeedleSettings.from_strings("64,128", "0.25,0.75", 8, 3)
+    s = needle.NeedleSettings.from_strings("64,128", "0.25,0.75", 8, "3")
     assert s.lengths == (64, 128) and s.depths == (0.25, 0.75)
     with pytest.raises(KVCompressError, match="--depths"):
-        needle.NeedleSettings.from_strings("64", "0.5,1.5", 8, 0)
+        needle.NeedleSettings.from_strings("64", "0.5,1.5", 8, "0")
     with pytest.raises(KVCompressError, match="--lengths"):
-        needle.NeedleSettings.from_strings("64,x", "0.5", 8, 0)
+        needle.NeedleSettings.from_strings("64,x", "0.5", 8, "0")
 
 
 def test_trials_hide_a_seeded_number_at_each_depth(tokenizer, text):
@@ -278,6 +280,42 @@ def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["name"] == BASELINE and rows[0]["trials"] == 1
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_ruler_task_runs_end_to_end_with_seeds_and_a_plot(model_dir, tmp_path, capsys, monkeypatch):
+    """Baseline and a float32 spec answer the same prompts (two seeds, two tasks); the JSON holds every reply,
+    the table each task's mean and spread, and the plot is drawn from the rows."""
+    for name in ("niah_single_1", "vt"):  # the random model never stops: short answers keep the test quick
+        monkeypatch.setitem(ruler_tasks.TASKS, name, dataclasses.replace(ruler_tasks.TASKS[name], budget=6))
+    spec = tmp_path / "f32.json"
+    spec.write_text(json.dumps(FLOAT32_SPEC))
+    out, picture = tmp_path / "ruler.json", tmp_path / "ruler.svg"
+    argv = [str(spec), "--task", "ruler", "--model", str(model_dir), "--lengths", "1536", "--seed", "0,1",
+            "--ruler-tasks", "niah_single_1,vt", "--json", str(out)]
+    matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert command.run(parse(argv + (["--plot", str(picture)] if matplotlib else []))) == 0
+    printed = capsys.readouterr().out
+    assert "ruler @ 1536 tokens" in printed and "mean ± sample std over seeds 0,1" in printed
+    written = json.loads(out.read_text())
+    assert written["header"]["protocol"] == {"lengths": [1536], "seeds": [0, 1], "samples": 1, "tasks": ["niah_single_1", "vt"]}
+    rows = written["results"]
+    assert [r["name"] for r in rows] == [BASELINE, "float32"]
+    for row in rows:
+        assert [(r["seed"], r["task"]) for r in row["replies"]] == [(0, "niah_single_1"), (0, "vt"), (1, "niah_single_1"), (1, "vt")]
+        assert all(r["prompt_tokens"] <= 1536 for r in row["replies"])
+        vt = row["tasks"]["vt"]["1536"]
+        assert vt["by_seed"] == {str(r["seed"]): 100 * r["score"] for r in row["replies"] if r["task"] == "vt"}
+        assert row["cache_bytes"] > 0 and row["bits_per_element"] > 0
+    # float32 storage: the same greedy replies as the baseline.
+    assert [r["reply"] for r in rows[0]["replies"]] == [r["reply"] for r in rows[1]["replies"]]
+    if matplotlib:
+        assert b"<svg" in picture.read_bytes()[:2000]
+
+
+def test_eval_needle_refuses_several_seeds_before_the_model_loads(monkeypatch):
+    monkeypatch.setattr("kvcompress.hf.loading.load_model", lambda name: pytest.fail("model loaded"))
+    with pytest.raises(KVCompressError, match="the needle task takes one seed"):
+        command.run(parse(["--task", "needle", "--seed", "0,1"]))
 
 
 def test_spec_naming_a_method_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch):
@@ -395,3 +433,17 @@ def test_smollm2_generates_fluent_chat_text_from_a_compressed_cache(smollm2):
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert cache.compressed_tokens() > 0
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_ruler_finds_a_single_needle_through_a_compressed_cache(smollm2, text):
+    model, tokenizer = smollm2
+    pytest.importorskip("kvcompress_scalar")
+    settings = ruler.RulerSettings((1024,), tasks=("niah_single_1",))
+    prompts = ruler.build_prompts(tokenizer, text, "default", settings, model.config.max_position_embeddings)
+    runners = [Runner(BASELINE, None), Runner("kivi-4", kvcompress.load_spec("specs/kivi-4.yaml"))]
+    rows = ruler.evaluate_ruler(model, tokenizer, prompts, runners, settings)
+    # the needle's 7-digit number, in the baseline's reply and in KIVI-4's
+    assert [row["replies"][0]["score"] for row in rows] == [1.0, 1.0], [row["replies"][0]["reply"] for row in rows]
+    assert rows[1]["cache_bytes"] < rows[0]["cache_bytes"]
+

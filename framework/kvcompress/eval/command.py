@@ -1,6 +1,7 @@
 """The `kvcompress eval` command: its arguments, the checks that run before the model loads, and the run.
 
-The tasks are kvcompress.eval.perplexity (the default) and kvcompress.eval.needle (--task needle).
+The tasks are kvcompress.eval.perplexity (the default), kvcompress.eval.needle (--task needle) and
+kvcompress.eval.ruler (--task ruler); --plot draws the rows with kvcompress.eval.plot.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `kvcompress eval`."""
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="spec files to evaluate (none: baseline only)")
-    parser.add_argument("--task", choices=("ppl", "needle"), default="ppl", help="perplexity (default) or needle retrieval")
+    parser.add_argument("--task", choices=("ppl", "needle", "ruler"), default="ppl", help="perplexity (default), needle retrieval or RULER-style long-context tasks")
     parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
     parser.add_argument("--text", metavar="FILE", help="UTF-8 text to read (default: a license text from the system)")
     parser.add_argument("--context", type=int, default=1024, help="ppl: tokens prefilled into the cache (default 1024)")
@@ -37,12 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ppl: disjoint slices of the text, each context + continuation tokens with a fresh cache; the table "
         "pools them and shows the spread of the per-window deltas (default 4)",
     )
-    parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens, comma-separated")
+    parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens; ruler: prompt plus answer budget in tokens; comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="needle: tokens generated for the answer (default 32: SmolLM2 spends one token per digit)")
-    parser.add_argument("--seed", type=int, default=0, help="needle: seed of the hidden numbers")
+    parser.add_argument("--seed", default="0", help="needle: seed of the hidden numbers; ruler: seeds of the prompts, comma-separated (0,1,2: scores per seed and their spread)")
+    parser.add_argument("--samples", type=int, default=1, help="ruler: prompts per task, length and seed (default 1)")
+    parser.add_argument("--ruler-tasks", metavar="TASKS", help="ruler: comma-separated subset of the tasks (default: all)")
     parser.add_argument("--device", default="auto", help="torch device to run on (default: cuda when available, else cpu)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
+    parser.add_argument("--plot", metavar="FILE", help="also draw quality against bits per element and bytes held (.png or .svg; needs matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,16 +58,25 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "ppl":
         protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
         task_settings: dict[str, Any] = asdict(protocol)
-    else:
+    elif args.task == "needle":
         from kvcompress.eval.needle import NeedleSettings
 
         needle_settings = NeedleSettings.from_strings(args.lengths, args.depths, args.max_new_tokens, args.seed)
         task_settings = asdict(needle_settings)
+    else:
+        from kvcompress.eval.ruler import RulerSettings
+
+        ruler_settings = RulerSettings.from_strings(args.lengths, args.seed, args.samples, args.ruler_tasks)
+        task_settings = asdict(ruler_settings)
     if args.json:
         _check_writable(Path(args.json))
+    if args.plot:
+        from kvcompress.eval.plot import check_plot_path
+
+        check_plot_path(Path(args.plot))
     device = resolve_device(args.device)
 
-    from kvcompress.hf.cache import check_spec
+    from kvcompress.hf.cache import check_spec, model_geometry
     from kvcompress.hf.loading import load_config, load_model
 
     config = load_config(args.model)
@@ -74,23 +87,35 @@ def run(args: argparse.Namespace) -> int:
     # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.
     if args.task == "ppl":
         input_ids = tokenize_text(tokenizer, text, protocol, source)
-    else:
+    elif args.task == "needle":
         from kvcompress.eval.needle import build_trials, evaluate_needle, format_needle_table
 
         trials = build_trials(tokenizer, text, source, needle_settings)
+    else:
+        from kvcompress.eval.ruler import build_prompts, evaluate_ruler, format_ruler_tables
+
+        prompts = build_prompts(tokenizer, text, source, ruler_settings, model_geometry(config).context)
     runners = [Runner(BASELINE, None)] + [Runner(spec.name, spec) for spec in specs]
     check_runners(model, runners)
     header = run_header(args.model, model, source, args.task, task_settings)
     if args.task == "ppl":
         rows = evaluate_perplexity(model, input_ids, protocol, runners)
         print(format_perplexity_table(rows))
-    else:
+    elif args.task == "needle":
         rows = evaluate_needle(model, tokenizer, trials, runners, needle_settings)
         print(format_needle_table(rows, needle_settings))
+    else:
+        rows = evaluate_ruler(model, tokenizer, prompts, runners, ruler_settings)
+        print(format_ruler_tables(rows, ruler_settings))
     print(format_footer(header))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        from kvcompress.eval.plot import plot_data, save_plot
+
+        save_plot(plot_data(header, rows), Path(args.plot))
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvcompress.errors import KVCompressError
-from kvcompress.eval.footprint import cache_figures
-from kvcompress.eval.report import format_table, progress
+from kvcompress.eval.generation import answer_prompts, has_chat_template, prompt_ids
+from kvcompress.eval.lists import parse_list
+from kvcompress.eval.report import format_table
 from kvcompress.eval.runners import Runner
 
 if TYPE_CHECKING:
@@ -47,17 +47,17 @@ class NeedleSettings:
             raise KVCompressError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
     @classmethod
-    def from_strings(cls, lengths: str, depths: str, max_new_tokens: int, seed: int) -> NeedleSettings:
-        """Settings from the comma-separated --lengths and --depths of the command line."""
-        try:
-            parsed_lengths = tuple(int(part) for part in lengths.split(","))
-        except ValueError:
-            raise KVCompressError(f"--lengths {lengths!r}: expected comma-separated integers such as 512,1024,2048") from None
-        try:
-            parsed_depths = tuple(float(part) for part in depths.split(","))
-        except ValueError:
-            raise KVCompressError(f"--depths {depths!r}: expected comma-separated fractions such as 0.1,0.5,0.9") from None
-        return cls(parsed_lengths, parsed_depths, max_new_tokens, seed)
+    def from_strings(cls, lengths: str, depths: str, max_new_tokens: int, seed: str) -> NeedleSettings:
+        """Settings from the comma-separated --lengths and --depths and the one --seed of the command line."""
+        seeds = parse_list(seed, int, "--seed", "0")
+        if len(seeds) != 1:
+            raise KVCompressError(f"--seed {seed}: the needle task takes one seed (several are for --task ruler)")
+        return cls(
+            parse_list(lengths, int, "--lengths", "512,1024,2048"),
+            parse_list(depths, float, "--depths", "0.1,0.5,0.9"),
+            max_new_tokens,
+            seeds[0],
+        )
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,7 @@ def insert_needle(document: str, position: int, sentence: str) -> str:
 
 def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSettings) -> list[Trial]:
     """One trial per (length, depth), lengths outermost; numbers drawn from a generator seeded with settings.seed."""
-    import torch
-
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise KVCompressError(
             "the needle task asks an instruct model through its chat template, and this model's tokenizer has none; "
             "use an instruct model (the default smollm2 is one)"
@@ -104,11 +102,7 @@ def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSetting
             number = str(rng.randint(100_000, 9_999_999))
             position = len(tokenizer.decode(ids[: round(depth * length)]))
             haystack = insert_needle(document, position, NEEDLE.format(number=number))
-            messages = [{"role": "user", "content": f"{haystack}\n\n{QUESTION}"}]
-            encoded = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            )
-            input_ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long).reshape(1, -1)
+            input_ids = prompt_ids(tokenizer, f"{haystack}\n\n{QUESTION}")
             trials.append(Trial(length=length, depth=depth, number=number, input_ids=input_ids))
     return trials
 
@@ -119,65 +113,37 @@ def retrieved(reply: str, number: str) -> bool:
     return number in re.findall(r"\d+", joined)
 
 
-def answer(model: Any, tokenizer: Any, trial: Trial, cache: Any, max_new_tokens: int) -> str:
-    """The model's greedy reply to the trial's prompt, generated with `cache` as its KV cache."""
-    import torch
-    from transformers import GenerationConfig
-
-    eos = model.generation_config.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    input_ids = trial.input_ids.to(model.device)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
-            generation_config=config,
-        )
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
-
-
 def evaluate_needle(
     model: Any, tokenizer: Any, trials: list[Trial], runners: list[Runner], settings: NeedleSettings
 ) -> list[dict[str, Any]]:
     """One result row per runner: accuracy overall, per length and per depth, and every answer."""
     rows = []
-    with progress(total=len(trials) * len(runners), desc="needle") as bar:
-        for runner in runners:
-            bar.set_postfix_str(runner.name)
-            answers = []
-            figures: dict[str, Any] = {}
-            started = time.perf_counter()
-            with runner.session(model) as new_cache:
-                for trial in trials:
-                    cache = new_cache()
-                    reply = answer(model, tokenizer, trial, cache, settings.max_new_tokens)
-                    answers.append({
-                        "length": trial.length,
-                        "depth": trial.depth,
-                        "prompt_tokens": trial.input_ids.shape[1],
-                        "number": trial.number,
-                        "reply": reply,
-                        "correct": retrieved(reply, trial.number),
-                    })
-                    if trial.length == max(settings.lengths):
-                        figures = cache_figures(model, cache)
-                    bar.update(1)
-            seconds = time.perf_counter() - started
-            rows.append({
-                "name": runner.name,
-                "source": runner.spec.source if runner.spec is not None else None,
-                # Bytes and bits of the cache of the longest document (prompt and answer).
-                **figures,
-                "accuracy": _accuracy(answers),
-                "correct": sum(a["correct"] for a in answers),
-                "trials": len(answers),
-                "by_length": {str(n): _accuracy([a for a in answers if a["length"] == n]) for n in settings.lengths},
-                "by_depth": {str(d): _accuracy([a for a in answers if a["depth"] == d]) for d in settings.depths},
-                "seconds": seconds,
-                "answers": answers,
-            })
+    prompts = [(trial.input_ids, settings.max_new_tokens) for trial in trials]
+    for result in answer_prompts(model, tokenizer, prompts, runners, "needle"):
+        answers = [
+            {
+                "length": trial.length,
+                "depth": trial.depth,
+                "prompt_tokens": trial.input_ids.shape[1],
+                "number": trial.number,
+                "reply": reply,
+                "correct": retrieved(reply, trial.number),
+            }
+            for trial, reply in zip(trials, result.replies)
+        ]
+        rows.append({
+            "name": result.runner.name,
+            "source": result.runner.spec.source if result.runner.spec is not None else None,
+            # Bytes and bits of the cache of the longest prompt and its answer.
+            **result.figures,
+            "accuracy": _accuracy(answers),
+            "correct": sum(a["correct"] for a in answers),
+            "trials": len(answers),
+            "by_length": {str(n): _accuracy([a for a in answers if a["length"] == n]) for n in settings.lengths},
+            "by_depth": {str(d): _accuracy([a for a in answers if a["depth"] == d]) for d in settings.depths},
+            "seconds": result.seconds,
+            "answers": answers,
+        })
     return rows
 
 

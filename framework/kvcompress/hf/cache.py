@@ -89,6 +89,8 @@ class ModelGeometry:
     # Per layer: the sliding window W (a query at position p sees keys k with p - W < k <= p), None for full
     # attention. Empty when built without a config's layer types.
     windows: tuple[int | None, ...] = ()
+    # The positions the model was trained for (max_position_embeddings), None where the config does not say.
+    context: int | None = None
 
 
 def model_geometry(config: Any) -> ModelGeometry:
@@ -129,7 +131,8 @@ def model_geometry(config: Any) -> ModelGeometry:
             f"{', '.join(sorted(ATTENTION_LAYER_TYPES))} layers"
         )
     return ModelGeometry(
-        num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim, windows=_sliding_windows(text)
+        num_layers=layers, query_heads=heads, kv_heads=kv_heads, head_dim=head_dim, windows=_sliding_windows(text),
+        context=getattr(text, "max_position_embeddings", None),
     )
 
 
