@@ -11,7 +11,9 @@ from kvcompress import load_spec
 from kvcompress.pipeline import build_codecs
 from kvcompress.runtime import Observation
 
-SPECS = sorted((Path(__file__).parent.parent / "specs").glob("*.yaml"))
+SPECS = sorted((Path(__file__).parent.parent / "specs").glob("*.yaml")) + sorted(
+    (Path(__file__).parent.parent / "specs" / "candidates").glob("*.yaml")
+)
 # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 
