@@ -53,20 +53,26 @@ class Grouping:
 
 
 def vector_scale(x: torch.Tensor) -> torch.Tensor:
-    """fp16 [...] scale of each vector [..., d]: its standard deviation, 1 for a constant vector, kept in
-    the fp16 normal range so that dividing by it is finite."""
-    std = x.float().std(dim=-1, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return std.clamp(FP16_SMALLEST_NORMAL, FP16_MAX).half()
+    """fp16 [...] scale of each vector [..., d]: its standard deviation. A vector with no spread to speak of
+    (constant, or below fp16's normal range) takes its root mean square instead, and a vector whose root mean
+    square is below that range too takes 0: it decodes to zeros, where a floored scale would blow it up by
+    orders of magnitude and an all-zero vector would decode to a sum of codewords."""
+    x = x.float()
+    std = x.std(dim=-1, unbiased=False)
+    scale = torch.where(std >= FP16_SMALLEST_NORMAL, std, x.square().mean(dim=-1).sqrt())
+    scale = torch.where(scale >= FP16_SMALLEST_NORMAL, scale, torch.zeros_like(scale))
+    return scale.clamp(max=FP16_MAX).half()
 
 
 def normalized_groups(x: torch.Tensor, grouping: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 scale [...], float32 groups [..., groups, group] of x / scale) for vectors x [..., d].
 
-    The division uses the scale as stored, so decoding multiplies back exactly what encoding divided by.
+    The division uses the scale as stored, so decoding multiplies back exactly what encoding divided by; a
+    zero scale divides by 1 (those codes are multiplied by 0 when read).
     """
     scale = vector_scale(x)
-    return scale, grouping.split(x.float() / scale.float().unsqueeze(-1))
+    divisor = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    return scale, grouping.split(x.float() / divisor.unsqueeze(-1))
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,23 @@ def test_constant_and_huge_vectors_stay_finite():
     x[0, 0, 2] = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 30000.0
     out = quantizer.decode(quantizer.encode(x.half()))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
-    assert vector_scale(x)[0, 0, :2].tolist() == [1.0, 1.0]
+    assert vector_scale(x)[0, 0, :2].tolist() == [0.0, 7.0]  # zero: 0; constant: its root mean square
+
+
+def test_zero_tiny_and_constant_vectors_decode_near_themselves():
+    """An all-zero vector decoded as a sum of codewords (|y| up to 0.3), a tiny one floored to fp16's normal
+    range came back hundreds of times larger, a constant one was coded at scale 1."""
+    codebooks = learned(4, 64, 32, "strided")
+    quantizer = RVQQuantizer(codebooks.codewords, Grouping(64, 32, "strided"))
+    x = torch.zeros(1, 1, 4, 64)
+    x[0, 0, 1] = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 1e-7
+    x[0, 0, 2] = 7.0
+    x[0, 0, 3] = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 1e-3
+    out = quantizer.decode(quantizer.encode(x))
+    assert torch.equal(out[0, 0, 0], torch.zeros(64))
+    assert (out[0, 0, 1] - x[0, 0, 1]).norm() <= x[0, 0, 1].norm()
+    for row in (2, 3):
+        assert relative_error(x[0, 0, row], out[0, 0, row]) < 1.0
 
 
 def test_group_must_divide_head_dim():
