@@ -90,6 +90,20 @@ def test_every_shipped_spec_runs_the_model_in_its_dtype(spec_dir, name, arch, dt
     assert cache.nbytes()["window"] == window
 
 
+def test_a_sliding_window_baseline_reports_its_dtype_bits_and_the_bytes_it_holds():
+    """Gemma-3's DynamicCache keeps only the window on sliding layers: fewer bytes, still 32 bits per element."""
+    from transformers import DynamicCache
+
+    model = _model("gemma3", torch.float32)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.randint(0, 128, (1, TOKENS)), past_key_values=cache)
+    figures = cache_figures(model, cache)
+    assert figures["bits_per_element"] == figures["key_bits"] == 32.0
+    # the full layer holds all 160 tokens, the sliding one its last 95 (window 96): 4 bytes, 2 roles, 2 heads
+    assert figures["cache_bytes"] == (TOKENS + 95) * 4 * 2 * 2 * HEAD_DIM < 2 * figures["fp16_bytes"]
+
+
 def test_the_reported_bytes_follow_the_dtype(spec_dir):
     """The same tokens through kivi-4: the window's bytes halve from float32 to bfloat16, the packed ones do not
     change; the baseline's DynamicCache holds the model's dtype (32 or 16 bits per element)."""
@@ -106,6 +120,7 @@ def test_the_reported_bytes_follow_the_dtype(spec_dir):
                 figures[dtype, runner.name] = (cache_figures(model, cache), held)
     assert figures[torch.float32, BASELINE][0]["bits_per_element"] == 32.0
     assert figures[torch.bfloat16, BASELINE][0]["bits_per_element"] == 16.0
+    assert figures[torch.bfloat16, BASELINE][0]["cache_bytes"] == figures[torch.bfloat16, BASELINE][0]["fp16_bytes"]
     wide, narrow = figures[torch.float32, "kivi-4"][1], figures[torch.bfloat16, "kivi-4"][1]
     assert wide["window"] == 2 * narrow["window"] > 0
     assert (wide["keys"], wide["values"]) == (narrow["keys"], narrow["values"])
