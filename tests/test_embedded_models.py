@@ -39,7 +39,7 @@ def perplexities(model, tokenizer, specs: list[str], protocol: Protocol) -> dict
 
 
 @pytest.mark.slow
-def test_qwen_runs_every_shipped_spec_shape_at_head_dim_128_and_kivi4_stays_close():
+def test_qwen_builds_every_shipped_spec_at_head_dim_128_and_kivi4_stays_close():
     model, tokenizer = load_or_skip("qwen2.5-coder-1.5b")
     geometry = model_geometry(model.config)
     assert (geometry.num_layers, geometry.query_heads, geometry.kv_heads, geometry.head_dim) == (28, 12, 2, 128)
@@ -48,10 +48,9 @@ def test_qwen_runs_every_shipped_spec_shape_at_head_dim_128_and_kivi4_stays_clos
     for path in sorted(SPECS.glob("*.yaml")):
         if not path.name.startswith("rvq"):  # RVQ needs this model's calibrated codebooks
             check_spec(kvcompress.load_spec(path), model.config)
-    rows = perplexities(model, tokenizer, ["kivi-4", "qjl"], Protocol(context=512, continuation=64, chunk=16))
-    baseline = rows[BASELINE]["ppl"]
-    assert rows["kivi-4"]["ppl"] <= 1.03 * baseline, rows
-    assert rows["qjl"]["ppl"] <= 1.15 * baseline, rows
+    # Per-channel KIVI keys hold up on this model (per-token key codes do not: docs/results.md, "Three models").
+    rows = perplexities(model, tokenizer, ["kivi-4"], Protocol(context=512, continuation=64, chunk=16))
+    assert rows["kivi-4"]["ppl"] <= 1.03 * rows[BASELINE]["ppl"], rows
     assert rows["kivi-4"]["bits_per_element"] == pytest.approx(5.0)  # groups of 32 whatever the head_dim
 
 
