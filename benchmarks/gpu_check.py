@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         model = load_model("smollm2", dtype=torch.float16)[0].to(device)
     e2e = sibling("e2e")
-    runnable = [spec for spec in specs if not e2e.missing_codebooks(spec)]
+    from kvcompress.hf.cache import model_name
+
+    runnable = [spec for spec in specs if not e2e.missing_codebooks(spec, model_name(model.config))]
     with kernels("triton"):
         report["end_to_end"] = end_to_end(model, runnable, args.contexts, args.batches, args)
     e2e.write_json(report, args.json)

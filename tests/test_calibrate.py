@@ -68,6 +68,26 @@ def test_collect_reads_what_the_cache_stores_minus_skipped_sinks():
     torch.testing.assert_close(values[60:100], _window_values(model, ids[64:128])[4:44])
 
 
+def test_collect_reads_every_position_of_sliding_window_layers():
+    """Gemma-3's sliding layers keep only their window in a DynamicCache built from its config; calibration
+    wants every position, and they are the keys that cache would hold."""
+    from transformers import DynamicCache
+
+    from kvcompress.hf.collect import collect_kv
+    from kvcompress.testing import tiny_model
+
+    model = tiny_model("gemma3")  # layer 0 slides over 6 positions
+    ids = token_ids(64) % 128
+    keys, _ = collect_kv(model, ids, tokens=64, context=64, progress=False)[0]
+    assert keys.shape[0] == 64
+    windowed = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids.unsqueeze(0), past_key_values=windowed, use_cache=True)
+    held = windowed.layers[0].keys[0].transpose(0, 1)
+    assert held.shape[0] < 64
+    torch.testing.assert_close(keys[-held.shape[0] :], held)
+
+
 def _window_values(model, ids):
     from transformers import DynamicCache
 

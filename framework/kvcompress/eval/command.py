@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvcompress.errors import KVCompressError
+from kvcompress.hf.loading import DTYPE_HELP, DTYPES, MODEL_HELP
+from kvcompress.methods import DEFAULT_MODEL
 from kvcompress.eval.perplexity import Protocol, evaluate_perplexity, format_perplexity_table, tokenize_text
 from kvcompress.eval.report import format_footer, run_header
 from kvcompress.eval.runners import BASELINE, Runner, check_runners
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `kvcompress eval`."""
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="spec files to evaluate (none: baseline only)")
     parser.add_argument("--task", choices=("ppl", "needle", "ruler"), default="ppl", help="perplexity (default), needle retrieval or RULER-style long-context tasks")
-    parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     parser.add_argument("--text", metavar="FILE", help="UTF-8 text to read (default: a license text from the system)")
     parser.add_argument("--context", type=int, default=1024, help="ppl: tokens prefilled into the cache (default 1024)")
     parser.add_argument("--continuation", type=int, default=256, help="ppl: tokens scored after the context (default 256)")
@@ -77,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     from kvcompress.hf.cache import check_spec, model_geometry
-    from kvcompress.hf.loading import load_config, load_model
+    from kvcompress.hf.loading import load_config, load_model, torch_dtype
 
     config = load_config(args.model)
     for spec in specs:  # the model's shape, from its config: a spec it refuses fails before the weights load
         check_spec(spec, config)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, torch_dtype(args.dtype))
     model.to(device)
     # The text is checked against the tokenizer before the specs' caches are built, and both before measuring.
     if args.task == "ppl":

@@ -35,7 +35,11 @@ def cache_figures(model: Any, cache: Any) -> dict[str, Any]:
             "cache_bytes": cache.nbytes()["total"],
             "fp16_bytes": fp16,
         }
-    held = dense_cache_nbytes(cache)
-    # fp16 holds 16 bits per element, so the dense cache's bits per element follow from the byte ratio.
-    bits = 16 * held / fp16 if fp16 else None
-    return {"bits_per_element": bits, "key_bits": bits, "value_bits": bits, "cache_bytes": held, "fp16_bytes": fp16}
+    # A dense cache stores each element in its dtype. Its bytes are not a measure of that: sliding-window layers
+    # (Gemma-3) hold only their window, which cache_bytes shows.
+    sizes = {t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),) if t is not None}
+    bits = 8.0 * max(sizes) if sizes else None
+    return {
+        "bits_per_element": bits, "key_bits": bits, "value_bits": bits,
+        "cache_bytes": dense_cache_nbytes(cache), "fp16_bytes": fp16,
+    }

@@ -39,7 +39,9 @@ def collect_kv(
     with torch.inference_mode():
         for w in tqdm(range(windows), desc="collecting keys/values", unit="window", disable=not progress):
             window = input_ids[w * context : (w + 1) * context].to(device).unsqueeze(0)
-            cache = DynamicCache(config=model.config)
+            # No config: every layer keeps every position. A config's sliding-window layers would keep only their
+            # last window (Gemma-3: 511 of 1024 positions); the model's mask slides either way.
+            cache = DynamicCache()
             model(input_ids=window, past_key_values=cache, use_cache=True)
             if not keys:
                 keys = [[] for _ in cache.layers]

@@ -16,7 +16,7 @@ import torch
 
 from kvcompress import KVCompressError
 from kvcompress_rvq.kernels import nearest_codeword
-from kvcompress.methods import LayerContext
+from kvcompress.methods import LayerContext, short_model_name
 from kvcompress_rvq.quantizer import CODEBOOK_FIELDS, Grouping, RVQCodebooks, normalized_groups
 
 FILE_FORMAT = "kvcompress-codebooks/1"
@@ -28,20 +28,6 @@ class CodebookError(KVCompressError):
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve(path: str, spec_dir: str | None) -> Path:
-    """A relative codebook path is relative to the spec file's directory (the working directory without one)."""
-    found = Path(path).expanduser()
-    if not found.is_absolute() and spec_dir is not None:
-        found = Path(spec_dir) / found
-    return found
-
-
-def model_id(name: str | None) -> str | None:
-    """A model's name for comparison: the last part of its path (the default model's converted checkpoint
-    lives under a per-user cache directory, so whole paths differ between machines)."""
-    return Path(name.rstrip("/")).name if name else name
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -56,14 +42,14 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load(spec, ctx: LayerContext) -> RVQCodebooks:
     """The codebooks of ctx.layer and ctx.role from spec.path, after checking the file fits ctx."""
-    path = resolve(spec.path, ctx.spec_dir)
+    path = ctx.resolve_path(spec.path)  # `{model}` expanded, relative to the spec file
+    command = f"kvcompress calibrate SPEC --model {ctx.model or ctx.model_name()} --out {path}"
     if not path.is_file():
         raise CodebookError(
-            f"codebook file {path} does not exist; write it with `kvcompress calibrate SPEC --out {path}` "
-            "(SPEC: the spec file that names it)"
+            f"codebook file {path} does not exist; write it with `{command}` (SPEC: the spec file that names it)"
         )
     meta = read_metadata(path)
-    fix = f"recalibrate with `kvcompress calibrate SPEC --model MODEL --out {path}`"
+    fix = f"recalibrate with `{command}`"
     if meta.get("format") != FILE_FORMAT:
         raise CodebookError(f"{path}: not a kvcompress codebook file (format {meta.get('format')!r}, expected {FILE_FORMAT!r})")
     try:
@@ -72,7 +58,7 @@ def load(spec, ctx: LayerContext) -> RVQCodebooks:
     except (KeyError, ValueError) as exc:
         raise CodebookError(f"{path}: codebook metadata is incomplete ({exc}); {fix}") from None
     model = meta.get("model")
-    if ctx.model is not None and model_id(model) != model_id(ctx.model):
+    if ctx.model is not None and (model is None or short_model_name(model) != ctx.model_name()):
         raise CodebookError(f"{path}: codebooks were calibrated for model {model!r}, not {ctx.model!r}; {fix}")
     if head_dim != ctx.head_dim:
         raise CodebookError(f"{path}: codebooks are for head_dim {head_dim}, the cache has head_dim {ctx.head_dim}; {fix}")

@@ -60,8 +60,9 @@ class KMeansSpec(MethodSpec):
 
     method: Literal["kmeans"] = "kmeans"
     path: str = Field(
-        description="Codebook file (safetensors); a relative path resolves against the spec file's directory. "
-        "Write it with `kvcompress calibrate SPEC --out PATH`."
+        description="Codebook file (safetensors); a relative path resolves against the spec file's directory, "
+        "and `{model}` in it stands for the model's name (smollm2, qwen2.5-coder-1.5b, a local directory's name), "
+        "so one spec serves every model. Write it with `kvcompress calibrate SPEC --model MODEL`."
     )
     samples: int = Field(
         16384, ge=1, description="Vectors (tokens x heads) per layer and role that calibration learns from."

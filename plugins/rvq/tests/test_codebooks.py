@@ -128,8 +128,21 @@ def test_mismatches_are_refused_with_the_fix(tmp_path, context, message):
 
 
 def test_a_missing_file_says_how_to_make_it(tmp_path):
-    with pytest.raises(KVCompressError, match=r"does not exist; write it with `kvcompress calibrate SPEC --out .*nope.safetensors`"):
+    with pytest.raises(KVCompressError, match=r"does not exist; write it with `kvcompress calibrate SPEC --model "
+                       r"/models/tiny-llama --out .*nope.safetensors`"):
         load(KMeansSpec(path="nope.safetensors"), ctx(spec_dir=str(tmp_path)))
+
+
+def test_model_in_the_path_is_the_model_name_so_one_spec_serves_every_model(tmp_path):
+    write_file(tmp_path / "tiny-llama-rvq.safetensors")
+    spec = KMeansSpec(path="{model}-rvq.safetensors")
+    assert load(spec, ctx(spec_dir=str(tmp_path))).source == str(tmp_path / "tiny-llama-rvq.safetensors")
+    with pytest.raises(KVCompressError, match=r"other-rvq.safetensors does not exist; write it with `kvcompress "
+                       r"calibrate SPEC --model /models/other --out .*other-rvq.safetensors`"):
+        load(spec, ctx(spec_dir=str(tmp_path), model="/models/other"))
+    # Codecs built without a model (random tensors) read the default model's file.
+    with pytest.raises(KVCompressError, match=r"smollm2-rvq.safetensors does not exist"):
+        load(spec, ctx(spec_dir=str(tmp_path), model=None))
 
 
 def test_foreign_files_are_refused(tmp_path):
