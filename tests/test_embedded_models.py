@@ -46,8 +46,10 @@ def test_qwen_builds_every_shipped_spec_at_head_dim_128_and_kivi4_stays_close():
     assert set(geometry.windows) == {None} and model.config.name_or_path == "qwen2.5-coder-1.5b"
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     for path in sorted(SPECS.glob("*.yaml")):
-        if not path.name.startswith("rvq"):  # RVQ needs this model's calibrated codebooks
-            check_spec(kvcompress.load_spec(path), model.config)
+        spec = kvcompress.load_spec(path)
+        # RVQ needs this model's calibrated codebooks; the tuned specs are SmolLM2's, layer by layer (30 layers)
+        if not path.name.startswith("rvq") and spec.min_layers() <= geometry.num_layers:
+            check_spec(spec, model.config)
     # Per-channel KIVI keys hold up on this model (per-token key codes do not: docs/results.md, "Three models").
     rows = perplexities(model, tokenizer, ["kivi-4"], Protocol(context=512, continuation=64, chunk=16))
     assert rows["kivi-4"]["ppl"] <= 1.03 * rows[BASELINE]["ppl"], rows
