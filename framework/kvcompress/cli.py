@@ -139,7 +139,8 @@ def cmd_schema(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
-    """Encode and decode Gaussian keys/values with each spec's layer-0 codecs; print bits and error.
+    """Encode and decode Gaussian keys/values with each spec's codecs; print bits and error, averaged over
+    --layers layers (each distinct layer plan encoded once, weighted by its layers).
 
     Pruners observe Gaussian queries (one query head per KV head) and the keys themselves as pre-RoPE keys.
     """
@@ -151,18 +152,27 @@ def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
     specs = [load_spec(path, registry) for path in args.specs]  # all validated before any work
     results = []
     for spec in specs:
-        layer = build_codecs(spec, spec.min_layers(), args.head_dim, args.kv_heads, registry=registry)[0]
-        tokens = layer.token_block * max(1, -(-args.tokens // layer.token_block))
+        spec.check_layers(args.layers)
+        codecs = build_codecs(spec, args.layers, args.head_dim, args.kv_heads, registry=registry)
+        # one representative layer per distinct plan, weighted by how many layers share it
+        plans: dict[str, list[int]] = {}
+        for index in range(args.layers):
+            plans.setdefault(spec.layer(index).model_dump_json(), []).append(index)
+        block = max(layer.token_block for layer in codecs)
+        tokens = block * max(1, -(-args.tokens // block))
         generator = torch.Generator().manual_seed(args.seed)
-        row: dict[str, Any] = {"name": spec.name, "source": spec.source, "tokens": tokens}
+        row: dict[str, Any] = {"name": spec.name, "source": spec.source, "tokens": tokens, "layers": args.layers}
         for role in ROLES:
-            codec = getattr(layer, role)
-            x = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
-            queries = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
-            state = codec.encode(x, Observation(queries=queries, pre_rope_keys=x))
-            error = ((codec.decode(state) - x).norm() / x.norm()).item()
-            row[f"{role[:-1]}_bits"] = state.nbytes() * 8 / x.numel()
-            row[f"{role[:-1]}_rel_error"] = error
+            bits = errors = 0.0
+            for members in plans.values():
+                codec = getattr(codecs[members[0]], role)
+                x = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
+                queries = torch.randn(1, args.kv_heads, tokens, args.head_dim, generator=generator)
+                state = codec.encode(x, Observation(queries=queries, pre_rope_keys=x))
+                errors += len(members) * ((codec.decode(state) - x).norm() / x.norm()).item()
+                bits += len(members) * state.nbytes() * 8 / x.numel()
+            row[f"{role[:-1]}_bits"] = bits / args.layers
+            row[f"{role[:-1]}_rel_error"] = errors / args.layers
         row["bits_per_element"] = (row["key_bits"] + row["value_bits"]) / 2
         results.append(row)
     if args.json:
@@ -172,7 +182,8 @@ def cmd_roundtrip(args: argparse.Namespace, registry: Registry) -> int:
     for r in results:
         print(f"{r['name']:<16} {r['bits_per_element']:>9.3f} {r['key_bits']:>9.3f} {r['value_bits']:>9.3f} "
               f"{r['key_rel_error']:>8.4f} {r['value_rel_error']:>8.4f}")
-    print(f"(random N(0,1) tensors, {args.kv_heads} KV heads x head_dim {args.head_dim}; relative Frobenius error)")
+    print(f"(random N(0,1) tensors, {args.kv_heads} KV heads x head_dim {args.head_dim}; relative Frobenius error; "
+          f"the mean over {args.layers} layers)")
     return 0
 
 
@@ -230,6 +241,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive, default=256)
     p.add_argument("--head-dim", type=_positive, default=64)
     p.add_argument("--kv-heads", type=_positive, default=3)
+    p.add_argument("--layers", type=_positive, default=30, help="layers averaged over (default 30, SmolLM2's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_roundtrip)
