@@ -87,7 +87,7 @@ def test_every_shipped_spec_runs_the_model_in_its_dtype(spec_dir, name, arch, dt
     with torch.inference_mode():
         dense = [m(ids).logits[0, -1].float() for m in (narrow_model, wide_model)]
     drift = ((dense[0] - dense[1]).norm() / dense[1].norm()).item()
-    assert (logits - wide).norm() <= (0.3 + 2 * drift) * wide.norm(), ((logits - wide).norm() / wide.norm()).item()
+    assert (logits - wide).norm() <= (0.3 + 3 * drift) * wide.norm(), ((logits - wide).norm() / wide.norm()).item()
     assert cache.compressed_tokens() > 0
     window = 0
     for layer in cache.layers:
