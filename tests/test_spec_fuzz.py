@@ -55,6 +55,17 @@ def check_problems(error: SpecError, from_file: bool = False) -> None:
         assert ": " in problem or (from_file and error.source), problem
 
 
+def check_file(content: bytes, suffix: str) -> None:
+    """A spec file holding `content` loads, or is refused with a SpecError about the file or a field."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"spec{suffix}"
+        path.write_bytes(content)
+        try:
+            load_spec(path)
+        except SpecError as error:
+            check_problems(error, from_file=True)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_document_is_valid_or_a_spec_error(data):
@@ -68,13 +79,7 @@ def test_any_document_is_valid_or_a_spec_error(data):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400), st.sampled_from([".yaml", ".json", ".toml"]))
 def test_any_file_content_is_valid_or_a_spec_error(content, suffix):
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / f"spec{suffix}"
-        path.write_bytes(content)
-        try:
-            load_spec(path)
-        except SpecError as error:
-            check_problems(error, from_file=True)
+    check_file(content, suffix)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,13 +87,7 @@ def test_any_file_content_is_valid_or_a_spec_error(content, suffix):
 def test_structured_files_are_valid_or_a_spec_error(data, kind):
     document = data.draw(st.dictionaries(st.sampled_from(FIELDS), documents(methods()), max_size=8))
     text = yaml.safe_dump(document) if kind == "yaml" else json.dumps(document, allow_nan=True)
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / f"spec.{kind}"
-        path.write_text(text)
-        try:
-            load_spec(path)
-        except SpecError as error:
-            check_problems(error, from_file=True)
+    check_file(text.encode(), f".{kind}")
 
 
 def test_a_valid_document_is_reachable():

@@ -149,7 +149,9 @@ def measure(
     with torch.inference_mode():
         for window in windows.split(1):
             cache = DynamicCache(config=model.config)
-            references.append([F.log_softmax(lg.float(), dim=-1) for lg, _ in continuation_logits(model, window, protocol, cache)])
+            # (log-probabilities, probabilities) per forward, the exponent taken once rather than in every probe
+            steps = continuation_logits(model, window, protocol, cache)
+            references.append([(ref, ref.exp()) for ref in (F.log_softmax(lg.float(), dim=-1) for lg, _ in steps)])
     kl = [{role: [] for role in ROLES} for _ in range(num_layers)]
     bits = [{role: [] for role in ROLES} for _ in range(num_layers)]
     trials = [(layer, role, option) for layer in range(num_layers) for role in ROLES for option in options[role]]
@@ -159,9 +161,9 @@ def measure(
             for window, reference in zip(windows.split(1), references):
                 cache = patched.cache()
                 steps = continuation_logits(model, window, protocol, cache)
-                for (logits, _), ref in zip(steps, reference):
+                for (logits, _), (ref, probs) in zip(steps, reference):
                     logp = F.log_softmax(logits.float(), dim=-1)
-                    divergence += float((ref.exp() * (ref - logp)).sum())
+                    divergence += float((probs * (ref - logp)).sum())
             store = getattr(cache.layers[layer], "key_store" if role == "keys" else "value_store")
             elements = store.held_tokens() * cache.geometry.head_dim
         if not elements:
