@@ -376,6 +376,17 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
+def spec_model(arch: str = "llama", dtype: torch.dtype = torch.float32, layers: int = 2) -> torch.nn.Module:
+    """A tiny model the shipped specs run on: head_dim 128 (their groups span up to 64 channels; 128 is
+    Qwen2.5's), named /models/tiny-{arch} (RVQ codebooks are named after the model). Gemma-3 as the real one
+    is: sliding layers (here of 96 positions, so they pack tokens too) alternating with full ones."""
+    kinds = (["sliding_attention", "full_attention"] * layers)[:layers]
+    sliding = {"sliding_window": 96, "layer_types": kinds} if arch == "gemma3" else {}
+    model = tiny_model(arch, dtype=dtype, head_dim=128, num_hidden_layers=layers, **sliding)
+    model.config._name_or_path = f"/models/tiny-{arch}"
+    return model
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

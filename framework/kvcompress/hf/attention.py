@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.errors import KVCompressError
+from kvcompress.hf.cache import CompressedLayer, Segment
+from kvcompress.hf.rows import PaddedBatchLayer, first_real_positions
 from kvcompress_kernels.partial import bias_from_mask, dense_partial, merge_partials
 
 NAME = "kvcompress"
@@ -72,14 +74,18 @@ def kvcompress_attention(
     causal = getattr(module, "is_causal", True)
     cache = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
-        from kvcompress.hf.cache import Segment
-
         segments = [Segment(range(0, key.shape[2]), key, value)]
         first_query = key.shape[2] - query.shape[2]
     else:
         if dropout:
             raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
         layer = cache.layers[module.layer_idx]
+        if not layer.seen and isinstance(layer, CompressedLayer):
+            starts = first_real_positions(attention_mask, 0)
+            if starts is not None and any(start != 0 for start in starts):  # held alone: padding enters no statistic
+                layer = cache.split_rows(module.layer_idx, starts)
+        if isinstance(layer, PaddedBatchLayer):
+            return layer.attend(query, attention_mask, attend, scaling, softcap, causal), None
         if "queries" in layer.observes:
             layer.observe("queries", query)
         segments, first_query = layer.read()

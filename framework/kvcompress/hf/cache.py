@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -179,7 +179,23 @@ class Segment:
     reader: Reader | None = None
 
 
-class CompressedLayer(CacheLayerMixin):
+class SeenLayer(CacheLayerMixin):
+    """What transformers asks of a kvcompress cache layer about positions: a layer counts every position it has
+    seen (`seen`), whatever it holds, and the mask spans them all; attention picks the columns it reads."""
+
+    seen: int
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class CompressedLayer(SeenLayer):
     """One model layer's cache: full-precision sinks and tail around a packed middle held in TokenStores.
 
     The patch drives it through one forward protocol: begin_forward() (pre-hook), update() hands it the
@@ -249,6 +265,15 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def tail_tokens(self) -> int:
         return 0 if self.tail_keys is None else self.tail_keys.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (-1 before the first forward)."""
+        return self.tail_keys.shape[0] if self.is_initialized else -1
+
+    def stores(self) -> Iterator[tuple[TokenStore, TokenStore]]:
+        """The (keys, values) stores of the packed tokens."""
+        yield self.key_store, self.value_store
 
     @property
     def observes(self) -> frozenset[str]:
@@ -569,16 +594,6 @@ class CompressedLayer(CacheLayerMixin):
     # ---------------------------------------------------------------------------------------------
     # what transformers asks of a cache layer
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The mask spans every position seen; attention picks the columns of the tokens it reads.
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.sink_keys = self.sink_values = self.tail_keys = self.tail_values = None
         self.key_store = TokenStore(self.key_store.name)
@@ -699,8 +714,27 @@ class CompressedCache(Cache):
     def batch_size(self) -> int:
         for layer in self.layers:
             if layer.is_initialized:
-                return layer.tail_keys.shape[0]
+                return layer.batch_size
         return -1
+
+    def split_rows(self, index: int, starts: list[int]) -> Any:
+        """Hold layer `index` of a left-padded batch as one layer per sequence, from its first real position
+        (kvcompress.hf.rows); called in the layer's first forward."""
+        from kvcompress.hf.rows import PaddedBatchLayer
+
+        self.layers[index] = PaddedBatchLayer(self.layers[index], starts)
+        return self.layers[index]
+
+    def reset(self) -> None:
+        """Empty every layer (a layer split into sequences becomes one batched layer again)."""
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                layer.reset()
+            else:
+                first = layer.rows[0]
+                self.layers[index] = CompressedLayer(
+                    layer.codecs, first.kv_heads, first.head_dim, first.exact_new_tokens, first.sliding_window
+                )
 
     def constants_nbytes(self) -> int:
         """Bytes of per-layer constants (sketches, codebooks, rotations, lookup tables): every tensor the
@@ -729,10 +763,11 @@ class CompressedCache(Cache):
         headroom is in nbytes(), not here), averaged over `roles` and every layer, sequence and head."""
         payload = elements = 0
         for layer in self.layers:
-            for role in roles:
-                store = layer.key_store if role == "keys" else layer.value_store
-                payload += store.payload_nbytes()
-                elements += store.held_tokens() * self.geometry.head_dim
+            for pair in layer.stores():
+                for role, store in zip(("keys", "values"), pair):
+                    if role in roles:
+                        payload += store.payload_nbytes()
+                        elements += store.held_tokens() * self.geometry.head_dim
         return 8 * payload / elements if elements else None
 
     def key_bits(self) -> float | None:
