@@ -77,9 +77,10 @@ BASE = {
 
 
 def test_pipeline_fields_are_the_stages_in_order():
-    """The pipeline models spell their fields out (for their docs and schema); they must be kvcompress.methods.STAGES."""
-    assert tuple(PipelineSpec.model_fields) == tuple(STAGES)
-    assert tuple(PipelineOverride.model_fields) == tuple(STAGES)
+    """The pipeline models spell their fields out (for their docs and schema); they must be kvcompress.methods.STAGES,
+    then the `center` switch."""
+    assert tuple(PipelineSpec.model_fields) == (*STAGES, "center")
+    assert tuple(PipelineOverride.model_fields) == (*STAGES, "center")
 
 
 def test_valid_spec_dumps_back_to_the_same_content(registry):

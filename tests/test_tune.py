@@ -12,12 +12,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvcompress
 from kvcompress import KVCompressError, load_spec
 from kvcompress.cli import main
 from kvcompress.eval import text as eval_text
 from kvcompress.eval.text import pydoc_text
 from kvcompress.testing import tiny_tokenizer
-from kvcompress.tune import _selection, choose
+from kvcompress.tune import _selection, choose, gather_options, tuned_spec_data
 
 pytest.importorskip("kvcompress_scalar", reason="the candidates are kvcompress-scalar pipelines")
 
@@ -48,6 +49,27 @@ def test_the_knapsack_finds_the_least_loss_within_the_budget(items, budget_units
 
 def test_selections_are_written_as_ranges():
     assert _selection([0, 1, 2, 5]) == "0-2,5" and _selection([7]) == "7" and _selection([1, 3, 4]) == "1,3-4"
+
+
+def test_a_centered_choice_is_written_so_that_every_layer_resolves_to_it(tmp_path):
+    """The top-level pipeline centers and a layer's does not: its override says `center: false` (overrides
+    inherit what they leave out), and the written spec resolves to each layer's choice."""
+    plain = load_spec(candidate(tmp_path, 4))
+    data = plain.model_dump(mode="json")
+    for role in ("keys", "values"):
+        data[role]["center"] = True
+    data["name"] = "centered"
+    centered = kvcompress.parse_spec(data)
+    layout, options = gather_options([centered, plain])
+    # option 0 (centered) everywhere but layer 1, which takes option 1 (plain)
+    chosen = [{"keys": 0, "values": 0}, {"keys": 1, "values": 0}, {"keys": 0, "values": 0}]
+    spec = kvcompress.parse_spec(tuned_spec_data("t", "", layout, options, chosen))
+    assert [spec.layer(i).keys.center for i in range(3)] == [True, False, True]
+    assert all(spec.layer(i).values.center for i in range(3))
+    # written against a centered default, the plain option turns centering off
+    centered_option, plain_option = options["keys"]
+    assert plain_option.override(centered_option) == {**plain_option.stages(), "center": False}
+    assert centered_option.override(plain_option) == centered_option.stages()
 
 
 def candidate(directory: Path, bits: int) -> Path:

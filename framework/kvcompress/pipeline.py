@@ -21,8 +21,10 @@ from kvcompress.spec_base import EvictionSpec, MethodSpec
 from kvcompress.state import PackedState
 from kvcompress_kernels.partial import scores_partial
 
-# The name under which a pruned state holds its channel selection (PackedState.shared).
+# The names under which a state holds its per-sequence tensors (PackedState.shared): a pruned state's channel
+# selection, a centered state's center (per-channel median).
 CHANNELS = "channels"
+CENTER = "center"
 
 
 @dataclass
@@ -31,6 +33,8 @@ class RoleCodec:
 
     observes: what the pruner reads from an Observation (empty without a pruner).
     method: the quantizer's method name (what layer-level readers match on).
+    center: each sequence's per-channel median (float32 [batch, kv_heads, head_dim], taken from the first tokens
+    encoded and held in the state's shared tensors) is subtracted before the stages and added back when read.
     """
 
     name: str
@@ -40,6 +44,7 @@ class RoleCodec:
     pruner: ChannelPruner | None = None
     observes: frozenset[str] = frozenset()
     method: str = ""
+    center: bool = False
 
     @property
     def token_block(self) -> int:
@@ -54,15 +59,18 @@ class RoleCodec:
         _check_finite(x, self.name)
         if x.shape[2] % self.token_block:
             raise ValueError(f"{self.name}: encode needs a multiple of {self.token_block} tokens, got {x.shape[2]}")
-        channels = None
+        held: dict[str, torch.Tensor] = {}
+        if self.center:
+            held[CENTER] = shared[CENTER] if shared else x.float().median(2).values
+            x = (x.float() - held[CENTER][:, :, None]).to(x.dtype)
         if self.pruner is not None:
-            channels = shared[CHANNELS] if shared else self._select(x, observation)
-            x = _gather_channels(x, channels)
+            held[CHANNELS] = shared[CHANNELS] if shared else self._select(x, observation)
+            x = _gather_channels(x, held[CHANNELS])
         if self.transform is not None:
             x = self.transform.forward(x)
         state = self.quantizer.encode(x)
-        if channels is not None:
-            state.shared = {**state.shared, CHANNELS: channels}
+        if held:
+            state.shared = {**state.shared, **held}
         return state
 
     def _select(self, x: torch.Tensor, observation: Observation | None) -> torch.Tensor:
@@ -85,14 +93,33 @@ class RoleCodec:
     def decode(self, state: PackedState) -> torch.Tensor:
         x = self.quantizer.decode(state)
         x = self.transform.inverse(x) if self.transform is not None else x
-        return self._unprune(x, state)
+        x = self._unprune(x, state)
+        return x if not self.center else (x.float() + state.shared[CENTER][:, :, None]).to(x.dtype)
 
     def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
-        """query grouped by KV head [batch, kv_heads, n, head_dim] -> [batch, kv_heads, n, tokens]."""
-        return self.estimator.scores(self.stored_query(query, state), state)
+        """query grouped by KV head [batch, kv_heads, n, head_dim] -> [batch, kv_heads, n, tokens] (float32 when
+        centered: the center's share is added to every token's score)."""
+        scores = self.estimator.scores(self.stored_query(query, state), state)
+        offset = self.score_offset(query, state)
+        return scores if offset is None else scores.float() + offset[..., None]
+
+    def score_offset(self, query: torch.Tensor, state: PackedState) -> torch.Tensor | None:
+        """What centering takes from every token's score, <query, center>: float32 [batch, kv_heads, n] (None when
+        not centered). Readers add it to the partial's log-sum-exp (times the scale), where it is exact."""
+        if not self.center:
+            return None
+        return torch.einsum("bhnd,bhd->bhn", query.float(), state.shared[CENTER])
 
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
-        return self.restored_mix(self.estimator.mix(weights, state), state)
+        mix = self.restored_mix(self.estimator.mix(weights, state), state)
+        if not self.center:
+            return mix
+        return (mix.float() + weights.float().sum(-1, keepdim=True) * state.shared[CENTER][:, :, None]).to(mix.dtype)
+
+    def value_offset(self, state: PackedState) -> torch.Tensor | None:
+        """What centering takes from every vector: float32 [batch, kv_heads, 1, head_dim] (None when not
+        centered). A normalized mix gets it back whole."""
+        return state.shared[CENTER][:, :, None] if self.center else None
 
     def stored_query(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         """A query [batch, kv_heads, n, head_dim] in the space the state's vectors are stored in: the kept
@@ -142,8 +169,16 @@ class EstimatorReader(Reader):
         self.keys, self.values = keys, values
 
     def attend(self, query, keys, values, bias, scale, softcap):
-        scores = self.keys.scores(query, keys).float().mul_(scale)
+        scores = self.keys.estimator.scores(self.keys.stored_query(query, keys), keys).float().mul_(scale)
+        # Centered keys: <q, center> is the same for every token, so it moves the log-sum-exp, not the weights
+        # (added to the scores instead under softcapping, which is not shift-invariant).
+        offset = self.keys.score_offset(query, keys)
+        if offset is not None and softcap is not None:
+            scores += scale * offset[..., None]
+            offset = None
         weights, lse = scores_partial(scores, bias, softcap)
+        if offset is not None:
+            lse = lse + scale * offset
         return self.values.mix(weights.to(query.dtype), values).float(), lse
 
 
@@ -163,10 +198,15 @@ class FusedDecodeReader(EstimatorReader):
         from kvcompress_kernels.decode import MAX_DECODE_ROWS
         from kvcompress_kernels.dispatch import use_triton
 
-        if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or not use_triton(query):
+        centered = self.keys.center and softcap is not None  # the offset must enter the scores before the cap
+        if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or centered or not use_triton(query):
             return super().attend(query, keys, values, bias, scale, softcap)
         out, lse = self.fused(self.keys.stored_query(query, keys), keys, values, bias, scale, softcap)
-        return self.values.restored_mix(out, values).float(), lse
+        out = self.values.restored_mix(out, values).float()
+        offset, center = self.keys.score_offset(query, keys), self.values.value_offset(values)
+        if offset is not None:
+            lse = lse + scale * offset
+        return (out if center is None else out + center), lse
 
     @abstractmethod
     def fused(self, query: torch.Tensor, keys: PackedState, values: PackedState, bias: torch.Tensor | None,
@@ -299,7 +339,7 @@ def build_role_codec(
     name = f"layer {ctx.layer} {ctx.role} ({stages})"
     return RoleCodec(
         name=name, quantizer=quantizer, estimator=estimator, transform=transform, pruner=pruner, observes=observes,
-        method=pipeline.quantizer.method,
+        method=pipeline.quantizer.method, center=pipeline.center,
     )
 
 

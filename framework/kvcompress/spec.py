@@ -36,8 +36,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-# The fields of PipelineSpec and PipelineOverride are kvcompress.methods.STAGES, in order: spelled out so that
-# each has its description in the schema and docs/specs.md (tests/test_spec.py holds them equal).
+# The fields of PipelineSpec and PipelineOverride are kvcompress.methods.STAGES, in order, then `center` (a
+# switch, not a stage): spelled out so that each has its description in the schema and docs/specs.md
+# (tests/test_spec.py holds them equal).
+CENTER_DESCRIPTION = (
+    "Subtract each sequence's per-channel center (per KV head: the median over the first tokens the layer "
+    "compresses, which an attention sink's outliers do not pull) before the stages, and add it back when reading: "
+    "exact, attention adds query . center to the scores and the center to the mixed values. Keys with a large constant offset (a k_proj bias, as in Qwen2.5) then spend their bits on "
+    "what varies from token to token. Costs one float32 vector per sequence and KV head."
+)
 class PipelineSpec(_Strict):
     """How one role (keys or values) is compressed: the stages run in this order."""
 
@@ -56,6 +63,7 @@ class PipelineSpec(_Strict):
     codebook: SerializeAsAny[MethodSpec] | None = Field(
         None, description="Learned constants for quantizers that need them (file source or learner)."
     )
+    center: bool = Field(False, description=CENTER_DESCRIPTION)
 
 
 class PipelineOverride(_Strict):
@@ -66,6 +74,7 @@ class PipelineOverride(_Strict):
     quantizer: SerializeAsAny[MethodSpec] | None = None
     estimator: SerializeAsAny[MethodSpec] | None = None
     codebook: SerializeAsAny[MethodSpec] | None = None
+    center: bool | None = Field(None, description=CENTER_DESCRIPTION)
 
 
 EVICT_DESCRIPTION = (
@@ -166,8 +175,9 @@ class CacheSpec(_Strict):
 
 
 def _merge(base: PipelineSpec, override: PipelineOverride) -> PipelineSpec:
-    fields = {name: getattr(base, name) for name in STAGES}
-    fields.update({name: getattr(override, name) for name in STAGES if getattr(override, name) is not None})
+    names = (*STAGES, "center")
+    fields = {name: getattr(base, name) for name in names}
+    fields.update({name: getattr(override, name) for name in names if getattr(override, name) is not None})
     return PipelineSpec(**fields)
 
 
@@ -424,6 +434,11 @@ def check_composition(spec: CacheSpec, registry: Registry | None = None) -> list
                     problems.append(f"{path}.estimator: {estimator.name!r} does not serve {role}")
             if quantizer.needs_codebook and pipeline.codebook is None:
                 problems.append(f"{path}.codebook: quantizer {quantizer.name!r} needs a codebook stage")
+            if pipeline.codebook is not None and pipeline.center:
+                problems.append(
+                    f"{path}.center: centering changes the vectors the quantizer sees per sequence, and calibration "
+                    "learns codebooks from uncentered ones; drop `center` or use a quantizer without codebooks"
+                )
             if pipeline.codebook is not None and pipeline.pruner is not None:
                 problems.append(
                     f"{path}.codebook: pruner {pipeline.pruner.method!r} stores the channels it selects at each "

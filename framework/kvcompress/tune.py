@@ -79,8 +79,17 @@ class Option:
     pipeline: PipelineSpec
 
     def stages(self) -> dict[str, Any]:
-        """The pipeline's stages as spec data, the unset ones left out."""
-        return {name: stage.model_dump(mode="json") for name in STAGES if (stage := getattr(self.pipeline, name)) is not None}
+        """The pipeline's stages as spec data, the unset ones left out (and `center` where it is on)."""
+        stages: dict[str, Any] = {
+            name: stage.model_dump(mode="json") for name in STAGES if (stage := getattr(self.pipeline, name)) is not None
+        }
+        return {**stages, "center": True} if self.pipeline.center else stages
+
+    def override(self, default: "Option") -> dict[str, Any]:
+        """This option as a layer override of `default`: its stages, and `center: false` where only the default
+        centers (an override inherits what it leaves out)."""
+        stages = self.stages()
+        return {**stages, "center": False} if default.pipeline.center and not self.pipeline.center else stages
 
 
 @dataclass
@@ -226,7 +235,9 @@ def tuned_spec_data(
             groups.setdefault(key, []).append(layer)
     layers = {}
     for key, members in groups.items():
-        layers[_selection(members)] = {role: options[role][j].stages() for role, j in zip(ROLES, key) if j is not None}
+        layers[_selection(members)] = {
+            role: options[role][j].override(options[role][defaults[role]]) for role, j in zip(ROLES, key) if j is not None
+        }
     data = {"name": name, "description": description, **layout}
     data.update({role: options[role][defaults[role]].stages() for role in ROLES})
     if layers:

@@ -155,12 +155,14 @@ def test_a_pair_with_another_family_keeps_the_default_reader():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("center", [False, True], ids=["plain", "centered"])
 @pytest.mark.parametrize("values", [{**KIVI_VALUES, "bits": 2, "group": 8}, {"method": "fp8"}], ids=["kivi", "fp8"])
-def test_generation_through_the_fused_reader_matches_the_torch_reader(monkeypatch, values):
+def test_generation_through_the_fused_reader_matches_the_torch_reader(monkeypatch, values, center):
     """A tiny model generating with KVCOMPRESS_KERNELS=triton reads its packed middle through the kernels and
-    generates what the torch path does."""
+    generates what the torch path does (centered: the mean's share added to the log-sum-exp and the output)."""
     spec = {
         "name": "fused", "window": 4, "compress_run": 8,
-        "keys": {"quantizer": {**KIVI, "bits": 4, "group": 8}}, "values": {"quantizer": values},
+        "keys": {"quantizer": {**KIVI, "bits": 4, "group": 8}, "center": center},
+        "values": {"quantizer": values, "center": center},
     }
     assert_fused_generation_matches(monkeypatch, spec, reader_module, "fused_decode_triton", torch.device(DEVICE))
