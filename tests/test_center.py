@@ -61,6 +61,25 @@ def test_centering_takes_a_constant_offset_out_of_the_error():
     torch.testing.assert_close(centered.mix(weights, state), weights @ decoded, atol=1e-4, rtol=1e-4)
 
 
+def test_auto_centers_only_the_heads_whose_offset_holds_most_of_the_energy():
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 2, 64, 64, generator=gen)
+    keys[:, 0, :, :4] += 40.0  # head 0: an offset far above what varies; head 1: none
+    codec = replace(make_codec({"method": "scalar", "bits": 4, "axis": "token", "group": 64, "grid": "lloyd-max"}),
+                    center="auto")
+    center = codec.encode(keys).shared["center"]
+    torch.testing.assert_close(center[:, 0], keys[:, 0].median(1).values)
+    assert not center[:, 1].any()
+    assert kvcompress.parse_spec(_centered_auto()).keys.center == "auto"
+    with pytest.raises(SpecError, match=r"keys\.center"):
+        kvcompress.parse_spec({**_centered_auto(), "keys": {"quantizer": {"method": "float"}, "center": "yes"}})
+
+
+def _centered_auto() -> dict:
+    return {"name": "auto", "keys": {"quantizer": {"method": "float"}, "center": "auto"},
+            "values": {"quantizer": {"method": "float"}}}
+
+
 def test_the_center_is_held_and_counted_once_per_sequence_and_head(make_model, make_float_spec):
     model = make_model("llama")
     ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(2))

@@ -16,7 +16,7 @@ from kvcompress.errors import KVCompressError, PluginError, SpecError
 from kvcompress.methods import EVICTION, ROLES, LayerContext, Role
 from kvcompress.plugins import Registry, get_registry
 from kvcompress.runtime import ChannelPruner, Estimator, Evictor, Observation, Quantizer, Reader, Transform
-from kvcompress.spec import CacheSpec, PipelineSpec, parse_layer_selection
+from kvcompress.spec import AUTO_CENTER, CacheSpec, PipelineSpec, parse_layer_selection
 from kvcompress.spec_base import EvictionSpec, MethodSpec
 from kvcompress.state import PackedState
 from kvcompress_kernels.partial import scores_partial
@@ -34,7 +34,8 @@ class RoleCodec:
     observes: what the pruner reads from an Observation (empty without a pruner).
     method: the quantizer's method name (what layer-level readers match on).
     center: each sequence's per-channel median (float32 [batch, kv_heads, head_dim], taken from the first tokens
-    encoded and held in the state's shared tensors) is subtracted before the stages and added back when read.
+    encoded and held in the state's shared tensors) is subtracted before the stages and added back when read
+    (True); "auto": only where it holds most of the energy (kvcompress.spec.AUTO_CENTER), zero elsewhere.
     """
 
     name: str
@@ -44,7 +45,7 @@ class RoleCodec:
     pruner: ChannelPruner | None = None
     observes: frozenset[str] = frozenset()
     method: str = ""
-    center: bool = False
+    center: bool | str = False
 
     @property
     def token_block(self) -> int:
@@ -61,7 +62,7 @@ class RoleCodec:
             raise ValueError(f"{self.name}: encode needs a multiple of {self.token_block} tokens, got {x.shape[2]}")
         held: dict[str, torch.Tensor] = {}
         if self.center:
-            held[CENTER] = shared[CENTER] if shared else x.float().median(2).values
+            held[CENTER] = shared[CENTER] if shared else self._center(x)
             x = (x.float() - held[CENTER][:, :, None]).to(x.dtype)
         if self.pruner is not None:
             held[CHANNELS] = shared[CHANNELS] if shared else self._select(x, observation)
@@ -72,6 +73,16 @@ class RoleCodec:
         if held:
             state.shared = {**state.shared, **held}
         return state
+
+    def _center(self, x: torch.Tensor) -> torch.Tensor:
+        """Each (sequence, head)'s per-channel median over x's tokens, float32 [batch, kv_heads, head_dim]; under
+        `auto`, zero where centering would leave AUTO_CENTER or more of the energy (no large offset to take)."""
+        x = x.float()
+        center = x.median(2).values
+        if self.center == "auto":
+            left = (x - center[:, :, None]).square().sum((2, 3)) / x.square().sum((2, 3)).clamp_min(torch.finfo(x.dtype).tiny)
+            center = torch.where((left < AUTO_CENTER)[..., None], center, 0.0)
+        return center
 
     def _select(self, x: torch.Tensor, observation: Observation | None) -> torch.Tensor:
         """The pruner's channel choice, checked and stored in the smallest integer type that holds it."""

@@ -83,7 +83,7 @@ class Option:
         stages: dict[str, Any] = {
             name: stage.model_dump(mode="json") for name in STAGES if (stage := getattr(self.pipeline, name)) is not None
         }
-        return {**stages, "center": True} if self.pipeline.center else stages
+        return {**stages, "center": self.pipeline.center} if self.pipeline.center else stages
 
     def override(self, default: "Option") -> dict[str, Any]:
         """This option as a layer override of `default`: its stages, and `center: false` where only the default
