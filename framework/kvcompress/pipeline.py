@@ -209,8 +209,11 @@ class FusedDecodeReader(EstimatorReader):
         from kvcompress_kernels.decode import MAX_DECODE_ROWS
         from kvcompress_kernels.dispatch import use_triton
 
-        centered = self.keys.center and softcap is not None  # the offset must enter the scores before the cap
-        if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or centered or not use_triton(query):
+        if self.keys.center and softcap is not None:
+            # the offset must enter the scores before the cap, which the kernels do not do: the estimator path,
+            # in float32 as the kernels compute
+            return super().attend(query.float(), keys, values, bias, scale, softcap)
+        if query.shape[2] > MAX_DECODE_ROWS or keys.tokens == 0 or not use_triton(query):
             return super().attend(query, keys, values, bias, scale, softcap)
         out, lse = self.fused(self.keys.stored_query(query, keys), keys, values, bias, scale, softcap)
         out = self.values.restored_mix(out, values).float()

@@ -33,7 +33,10 @@ def stored_bits(path: Path, role: str, head_dim: int = 64, kv_heads: int = 3) ->
     codecs = build_codecs(load_spec(path), num_layers=2, head_dim=head_dim, kv_heads=kv_heads)[1]
     codec = getattr(codecs, role)
     x = gaussian(1, kv_heads, codecs.token_block * 4, head_dim)
-    return codec.encode(x).nbytes() * 8 / x.numel()
+    state = codec.encode(x)
+    # a centered role's center is a vector per sequence, not per token (tests/test_center.py counts it)
+    center = state.shared.get("center")
+    return (state.nbytes() - (0 if center is None else center.numel() * center.element_size())) * 8 / x.numel()
 
 
 # ---------------------------------------------------------------------------------------------------
