@@ -38,6 +38,37 @@ def check_accounting(store: TokenStore) -> None:
     assert storage_nbytes(tensors) == store.nbytes() + store.index_nbytes()
     # bounded headroom: capacity within GROWTH of the longest head, plus a page
     assert store.capacity <= max(store.length * GROWTH, store.length) + PAGE_TOKENS
+    if store.ragged:  # each (sequence, head) pays for its own tokens: within GROWTH of them, plus a page
+        assert bool((store.room <= torch.clamp(store.tokens * GROWTH, min=store.tokens) + PAGE_TOKENS).all())
+        assert bool((store.room >= store.tokens).all())
+        row_bytes = {"x": 2 * 4, "g": 3 * 4 / GROUP}  # per token
+        assert store.nbytes() == sum(int(store.room.sum()) * per_token for per_token in row_bytes.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 8).map(lambda n: n * GROUP), min_size=1, max_size=10), st.data())
+def test_uneven_heads_are_held_ragged_each_paying_for_its_own_tokens(sizes, data):
+    """Heads that keep different counts (AdaKV) hold their own tokens, not the longest head's; appends grow
+    each region geometrically; what is read back is the concatenation."""
+    store = TokenStore()
+    store.append(block(16 * GROUP, 0), first_position=0)
+    counts = torch.tensor([[data.draw(st.integers(0, 16)) * GROUP for _ in range(H)] for _ in range(B)])
+    store.select(torch.arange(16 * GROUP).expand(B, H, -1), counts)
+    expected = [[list(map(float, range(int(counts[b, h])))) for h in range(H)] for b in range(B)]
+    position = 16 * GROUP
+    for size in sizes:
+        store.append(block(size, position), first_position=position)
+        for b in range(B):
+            for h in range(H):
+                expected[b][h] += list(map(float, range(position, position + size)))
+        position += size
+        check_accounting(store)
+    assert store.ragged == (not bool((counts == counts.max()).all()))
+    for b in range(B):
+        for h in range(H):
+            assert held_rows(store, b, h) == expected[b][h]
+            count = int(store.tokens[b, h])
+            assert store.position_tensor()[b, h, :count].tolist() == [int(t) for t in expected[b][h]]
 
 
 @settings(max_examples=60, deadline=None)

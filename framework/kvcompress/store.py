@@ -10,11 +10,18 @@ may hold different counts (token eviction with per-head budgets); rows past a he
   copies each row about 1 / (GROWTH - 1) = 16 times in all (a memcpy of packed bytes), instead of
   concatenating the whole state at every block (O(tokens^2 / block)).
 - nbytes() is every byte allocated, headroom included: at most 1 - 1 / GROWTH (6 %) of the capacity, plus
-  one page, is headroom; heads holding fewer tokens than the layer's longest are padded to it.
+  one page, is headroom.
 - Reading is zero-copy: view(start, stop) slices the buffers into a PackedState that estimators read as if
   it had been encoded in one piece. A GPU kernel reads the buffers with their strides and `tokens`.
 - select() keeps given tokens per head (eviction) and shrinks the buffers to what is kept; positions of
   the kept tokens are kept too. Batch selection and beam reordering map dim 0.
+
+Heads that hold different counts (eviction with per-head budgets) are held **ragged**, so that a head pays for
+the tokens it keeps, not for the longest head's: each (sequence, head) owns a region of one flat buffer per
+tensor (rows [regions[b, h], regions[b, h] + room[b, h]), room rounded up to a page and grown GROWTH times
+when an append overflows it: at most a page plus 6 % of headroom per region). view() then gathers the block
+it is asked for into the padded [batch, kv_heads, rows] form readers take (a transient copy, bounded by the
+block a reader reads at once); padding rows read as zeros.
 
 A tensor whose rows each cover several tokens (a KIVI key group's scale) keeps whole rows: appends and
 selections move tokens in multiples of that many.
@@ -68,12 +75,23 @@ class TokenStore:
         # explicit (before that, the positions are first_position + index, the same for every head).
         self.positions: torch.Tensor | None = None
         self.first_position = 0
-        self.capacity = 0  # tokens per (sequence, head) the buffers can hold
+        self.capacity = 0  # tokens per (sequence, head) the buffers can hold (dense)
         self.length = 0  # the most tokens any (sequence, head) holds: the extent a reader scans
         self.uniform = True  # every (sequence, head) holds `length` tokens
+        # Ragged: buffers and positions are flat [rows, ...] / [tokens]; each (sequence, head) owns the tokens
+        # [regions, regions + room) of them ([batch, kv_heads] int64 each). None while dense.
+        self.regions: torch.Tensor | None = None
+        self.room: torch.Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"TokenStore({self.name}, length={self.length}, capacity={self.capacity}, uniform={self.uniform})"
+        return (
+            f"TokenStore({self.name}, length={self.length}, capacity={self.capacity}, uniform={self.uniform}, "
+            f"ragged={self.ragged})"
+        )
+
+    @property
+    def ragged(self) -> bool:
+        return self.regions is not None
 
     # ---------------------------------------------------------------------------------------------
     # writing
@@ -97,7 +115,7 @@ class TokenStore:
         if positions is not None and not self.explicit:
             self._explicit_positions()
         new = self._new_positions(count, first_position, positions)
-        if self.uniform:
+        if not self.ragged:  # dense buffers hold heads of one count
             self._reserve(self.length + count)
             start = self.length
             for name, buffer in self.buffers.items():
@@ -108,16 +126,19 @@ class TokenStore:
             self.tokens += count
             self.length += count
             return
+        # ragged (the only layout of uneven heads): each region takes the rows after its own
         ends = self.tokens + count
-        self._reserve(int(ends.max()))
+        if bool((ends > self.room).any()):
+            self._regrow(ends)
+        slot = self.regions + self.tokens  # [batch, heads] first free token of each region
         for name, buffer in self.buffers.items():
             per = self.layout.tokens_per_row[name]
             rows = state.tensors[name].shape[ROW_DIM]
-            index = (self.tokens // per)[..., None] + torch.arange(rows, device=buffer.device)
-            _bits(buffer).scatter_(ROW_DIM, _expand_index(index, buffer), _bits(state.tensors[name]))
-        if new is not None:
-            index = self.tokens[..., None] + torch.arange(count, device=self.tokens.device)
-            self.positions.scatter_(2, index, new.expand(*self.tokens.shape, count).to(self.positions.dtype))
+            index = ((slot // per)[..., None] + torch.arange(rows, device=buffer.device)).flatten()
+            _bits(buffer)[index] = _bits(state.tensors[name]).flatten(0, 2)
+        if self.positions is not None:
+            index = (slot[..., None] + torch.arange(count, device=slot.device)).flatten()
+            self.positions[index] = new.expand(*self.tokens.shape, count).flatten().to(self.positions.dtype)
         self.tokens = ends
         self.length = int(ends.max())
         self.uniform = bool((ends == self.length).all())
@@ -219,7 +240,7 @@ class TokenStore:
     def select(self, keep: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Keep, per (sequence, head), the tokens at indices keep [batch, kv_heads, n] (ascending; the first
         counts[b, h] of each row when counts is given, else all n), and free the rest: the buffers shrink to
-        the longest head's count (rounded up to a page).
+        what is kept (rounded up to a page; ragged regions when heads keep different counts).
 
         Tensors whose rows cover several tokens keep whole rows: the kept indices must come in whole rows.
         """
@@ -243,10 +264,10 @@ class TokenStore:
         keep = torch.where(valid, keep, 0)
         if not self.explicit:
             self._explicit_positions()
-        kept_positions = self.positions.gather(2, keep) if self.positions is not None else None
-        page = math.lcm(PAGE_TOKENS, quantum)
-        capacity = -(-n // page) * page if n else 0
-        for name, buffer in self.buffers.items():
+        source, source_positions = self._padded()
+        kept_positions = source_positions.gather(2, keep) if source_positions is not None else None
+        kept = {}
+        for name, buffer in source.items():
             per = self.layout.tokens_per_row[name]
             rows = keep[..., ::per] // per
             if per > 1:
@@ -255,24 +276,101 @@ class TokenStore:
                     raise KVCompressError(f"{self.name}: tensor {name!r} stores one row per {per} tokens; keep whole groups")
             gathered = _bits(buffer).gather(ROW_DIM, _expand_index(rows, buffer))
             unused = torch.arange(n // per, device=keep.device) >= (counts // per)[..., None]
-            gathered = gathered.masked_fill_(_expand_index(unused, gathered), 0).view(buffer.dtype)
-            fresh = buffer.new_zeros(buffer.shape[:ROW_DIM] + (capacity // per,) + buffer.shape[ROW_DIM + 1 :])
-            fresh[:, :, : n // per] = gathered
-            self.buffers[name] = fresh
-        if kept_positions is not None:
-            self.positions = kept_positions.new_zeros(batch, heads, capacity)
-            self.positions[..., :n] = kept_positions
-        self.capacity = capacity
-        self.tokens = counts.clone()
+            kept[name] = gathered.masked_fill_(_expand_index(unused, gathered), 0).view(buffer.dtype)
+        self._hold(kept, kept_positions, counts.clone())
+
+    def _hold(self, tensors: dict[str, torch.Tensor], positions: torch.Tensor | None, counts: torch.Tensor) -> None:
+        """Hold padded tensors [batch, kv_heads, rows, ...] (zeros past each head's count), their positions
+        [batch, kv_heads, tokens] and the counts: dense buffers (capacity the longest count, rounded up to a
+        page) when every head holds the same count, else ragged regions (each its own count, rounded up)."""
+        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        self.tokens = counts
         self.length = int(counts.max()) if counts.numel() else 0
         self.uniform = bool((counts == self.length).all())
+        if self.uniform:
+            capacity = -(-self.length // page) * page
+            self.regions = self.room = None
+            self.buffers = {}
+            for name, tensor in tensors.items():
+                per = self.layout.tokens_per_row[name]
+                fresh = tensor.new_zeros(tensor.shape[:ROW_DIM] + (capacity // per,) + tensor.shape[ROW_DIM + 1 :])
+                fresh[:, :, : self.length // per] = tensor[:, :, : self.length // per]
+                self.buffers[name] = fresh
+            if positions is not None:
+                self.positions = positions.new_zeros(*positions.shape[:2], capacity)
+                self.positions[..., : self.length] = positions[..., : self.length]
+            self.capacity = capacity
+            return
+        self._place(-(-counts // page) * page, tensors, positions)
+
+    def _place(self, room: torch.Tensor, tensors: dict[str, torch.Tensor], positions: torch.Tensor | None) -> None:
+        """Lay padded tensors out ragged: region (b, h) gets room[b, h] tokens (multiples of a page), the first
+        tokens[b, h] of them filled."""
+        flat_room = room.flatten()
+        self.room = room
+        self.regions = (flat_room.cumsum(0) - flat_room).view_as(room)
+        total = int(flat_room.sum())
+        self.capacity = 0
+        self.buffers = {}
+        for name, tensor in tensors.items():
+            per = self.layout.tokens_per_row[name]
+            rows = tensor.shape[ROW_DIM]
+            filled = torch.arange(rows, device=tensor.device) < (self.tokens // per)[..., None]  # [b, h, rows]
+            target = (self.regions // per)[..., None] + torch.arange(rows, device=tensor.device)
+            flat = tensor.new_zeros((total // per,) + tensor.shape[ROW_DIM + 1 :])
+            _bits(flat)[target[filled]] = _bits(tensor)[filled]
+            self.buffers[name] = flat
+        if positions is not None:
+            filled = torch.arange(positions.shape[2], device=positions.device) < self.tokens[..., None]
+            target = self.regions[..., None] + torch.arange(positions.shape[2], device=positions.device)
+            flat = positions.new_zeros(total)
+            flat[target[filled]] = positions[filled]
+            self.positions = flat
+
+    def _regrow(self, ends: torch.Tensor) -> None:
+        """Ragged regions room for `ends` tokens each: GROWTH times larger where full, rounded up to a page."""
+        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        grown = torch.maximum(ends, torch.ceil(self.room * GROWTH).long())
+        room = torch.where(ends > self.room, -(-grown // page) * page, self.room)
+        tensors, positions = self._padded()
+        self._place(room, tensors, positions)
+
+    def _padded(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Every held token as padded tensors [batch, kv_heads, rows, ...] and positions [batch, kv_heads,
+        tokens] in the stored dtype: the buffers themselves when dense, a gathered copy when ragged."""
+        if not self.ragged:
+            return self.buffers, self.positions
+        tensors = self.view(0, self.length).tensors
+        positions = None
+        if self.positions is not None:
+            positions = self._gather_positions(0, self.length)
+        return tensors, positions
+
+    def _gather_rows(self, flat: torch.Tensor, per: int, start: int, stop: int) -> torch.Tensor:
+        """Rows of tokens [start, stop) of every ragged region of a flat tensor: [batch, kv_heads, rows, ...],
+        zeros past each region's count."""
+        rows = -(-stop // per) - start // per
+        offsets = torch.arange(rows, device=flat.device)
+        filled = offsets + start // per < (self.tokens // per)[..., None]
+        index = torch.where(filled, ((self.regions + start) // per)[..., None] + offsets, 0)
+        gathered = _bits(flat)[index]
+        return gathered.masked_fill_(_expand_index(~filled, gathered), 0).view(flat.dtype)
+
+    def _gather_positions(self, start: int, stop: int) -> torch.Tensor:
+        return self._gather_rows(self.positions, 1, start, stop)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply fn to dim 0 of everything held (batch selection, beam reordering, device moves)."""
         if self.layout is None:
             return
-        self.buffers = {name: fn(buffer) for name, buffer in self.buffers.items()}
         self.shared = {name: fn(value) for name, value in self.shared.items()}
+        if self.ragged:  # through the padded form, laid out again
+            tensors, positions = self._padded()
+            self._hold(
+                {name: fn(t) for name, t in tensors.items()}, None if positions is None else fn(positions), fn(self.tokens)
+            )
+            return
+        self.buffers = {name: fn(buffer) for name, buffer in self.buffers.items()}
         self.tokens = fn(self.tokens)
         if self.positions is not None:
             self.positions = fn(self.positions)
@@ -283,14 +381,18 @@ class TokenStore:
     # reading
 
     def view(self, start: int = 0, stop: int | None = None) -> PackedState:
-        """Tokens [start, stop) of every head as a PackedState of views into the buffers (no copy).
+        """Tokens [start, stop) of every head as a PackedState of views into the buffers (no copy; ragged: the
+        rows gathered, zeros past each head's count).
 
         start and stop are multiples of `layout.quantum` (stop may be `length`)."""
         stop = self.length if stop is None else stop
         tensors = {}
         for name, buffer in self.buffers.items():
             per = self.layout.tokens_per_row[name]
-            tensors[name] = buffer[:, :, start // per : -(-stop // per)]
+            if self.ragged:
+                tensors[name] = self._gather_rows(buffer, per, start, stop)
+            else:
+                tensors[name] = buffer[:, :, start // per : -(-stop // per)]
         return PackedState(
             tensors=tensors,
             tokens=stop - start,
@@ -316,6 +418,8 @@ class TokenStore:
             raise KVCompressError(f"{self.name}: this store follows its layer's key store, which holds the positions")
         if self.positions is None:
             return range(self.first_position + start, self.first_position + stop)
+        if self.ragged:
+            return self._gather_positions(start, stop).long()
         return self.positions[..., start:stop].long()
 
     def position_tensor(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -334,8 +438,9 @@ class TokenStore:
         return storage_nbytes([*self.buffers.values(), *self.shared.values()])
 
     def index_nbytes(self) -> int:
-        """Bytes of the bookkeeping: token counts per head, and the positions once they are explicit."""
-        held = [t for t in (self.tokens, self.positions) if t is not None]
+        """Bytes of the bookkeeping: token counts per head, the positions once they are explicit, and the ragged
+        regions' offsets and room."""
+        held = [t for t in (self.tokens, self.positions, self.regions, self.room) if t is not None]
         return storage_nbytes(held)
 
     def payload_nbytes(self) -> int:
@@ -345,8 +450,8 @@ class TokenStore:
         total = storage_nbytes(self.shared.values())
         tokens = int(self.tokens.sum())
         for name, buffer in self.buffers.items():
-            row = buffer[0, 0, :1].numel() * buffer.element_size() if buffer.shape[ROW_DIM] else 0
-            total += tokens // self.layout.tokens_per_row[name] * row
+            trailing = buffer.shape[1:] if self.ragged else buffer.shape[ROW_DIM + 1 :]
+            total += tokens // self.layout.tokens_per_row[name] * math.prod(trailing) * buffer.element_size()
         return total
 
     def held_tokens(self) -> int:
