@@ -7,6 +7,8 @@ reference (and the CPU path); `pack_bits_triton`/`unpack_bits_triton` are the ke
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, use_triton
@@ -29,6 +31,12 @@ def _check(bits: int) -> None:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
 
 
+def _chunk(bits: int) -> tuple[int, int]:
+    """(bytes, codes) of the smallest run of codes that fills whole bytes: (3, 8) for 3 bits, (1, 4) for 2."""
+    common = math.gcd(bits, 8)
+    return bits // common, 8 // common
+
+
 def pack_bits_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes [..., n] of integers in [0, 2**bits) -> uint8 [..., ceil(n*bits/8)]."""
     _check(bits)
@@ -40,6 +48,14 @@ def pack_bits_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
         grouped = codes.to(torch.uint8).reshape(*lead, n // per_byte, per_byte)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         return (grouped << shifts).sum(-1, dtype=torch.uint8)
+    chunk_bytes, chunk_codes = _chunk(bits)
+    if bits <= 8 and n % chunk_codes == 0:
+        # Whole chunks: chunk_codes codes fill chunk_bytes bytes exactly (3 bits: 8 codes in 3 bytes), so each
+        # chunk is one int64 of the bit stream, shifted into place code by code and cut into bytes.
+        shifts = torch.arange(0, chunk_codes * bits, bits, device=codes.device, dtype=torch.int64)
+        chunks = (codes.to(torch.int64).reshape(*lead, n // chunk_codes, chunk_codes) << shifts).sum(-1)
+        cuts = torch.arange(0, 8 * chunk_bytes, 8, device=codes.device, dtype=torch.int64)
+        return ((chunks.unsqueeze(-1) >> cuts) & 0xFF).to(torch.uint8).reshape(*lead, n // chunk_codes * chunk_bytes)
     stream = (codes.to(torch.int32).unsqueeze(-1) >> torch.arange(bits, device=codes.device, dtype=torch.int32)) & 1
     stream = stream.reshape(*lead, n * bits)
     total = packed_length(n, bits)
@@ -57,6 +73,13 @@ def unpack_bits_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         mask = (1 << bits) - 1
         return ((packed.unsqueeze(-1) >> shifts) & mask).reshape(*lead, n).to(code_dtype(bits))
+    chunk_bytes, chunk_codes = _chunk(bits)
+    if bits <= 8 and n % chunk_codes == 0:
+        cuts = torch.arange(0, 8 * chunk_bytes, 8, device=packed.device, dtype=torch.int64)
+        chunks = (packed.to(torch.int64).reshape(*lead, n // chunk_codes, chunk_bytes) << cuts).sum(-1)
+        shifts = torch.arange(0, chunk_codes * bits, bits, device=packed.device, dtype=torch.int64)
+        codes = (chunks.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, n).to(code_dtype(bits))
     stream = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
     stream = stream.reshape(*lead, -1)[..., : n * bits].reshape(*lead, n, bits)
     weights = torch.arange(bits, device=packed.device, dtype=torch.int32)
