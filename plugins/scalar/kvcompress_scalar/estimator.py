@@ -14,7 +14,8 @@ token block (or the Lloyd-Max levels they stand for), never the dequantized keys
       cast); the per-token scale multiplies the scores or the weights.
 
 Codes widen through a 256-row table per packed byte (an embedding lookup yields a byte's codes as floats,
-already in the levels' values) where whole codes fill bytes; otherwise through unpack_bits. Every read works
+already in the levels' values) where whole codes fill bytes, through a 4096-row table per 12 bits where they
+straddle bytes but fill 3 bytes (3 and 6 bits); otherwise through unpack_bits. Every read works
 on token blocks of at most READ_BLOCK tokens, so its transient memory is bounded by the block, and computes in
 float32 whatever the query dtype, returning that dtype.
 """
@@ -61,6 +62,10 @@ class CodeReader:
         if self.per_byte:
             shifts = torch.arange(0, 8, bits)
             table = self.values[(torch.arange(256).unsqueeze(-1) >> shifts) & (2**bits - 1)]  # [256, per_byte]
+        elif 12 % bits == 0:
+            # codes that straddle bytes (3 and 6 bits) fill 12-bit halves of each 3 bytes: a 4096-row table
+            shifts = torch.arange(0, 12, bits)
+            table = self.values[(torch.arange(4096).unsqueeze(-1) >> shifts) & (2**bits - 1)]  # [4096, 12 / bits]
         self.table = table
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -70,13 +75,25 @@ class CodeReader:
             self._on_device[device] = (self.values.to(device), table)
         return self._on_device[device]
 
+    def _read_halves(self, packed: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+        """3- or 6-bit codes, n a multiple of 24 / bits: each 3 packed bytes are two 12-bit halves of whole
+        codes (the bit stream is LSB first), looked up in the 4096-row table. float32 [b, h, t, n]."""
+        b, h, t, _ = packed.shape
+        chunks = packed.reshape(b, h, t, -1, 3).int()
+        halves = torch.stack(
+            [chunks[..., 0] | (chunks[..., 1] & 15) << 8, chunks[..., 1] >> 4 | chunks[..., 2] << 4], dim=-1
+        )
+        out = scratch(b * h * t * n, packed.device).view(-1, table.shape[1])
+        torch.index_select(table, 0, halves.reshape(-1), out=out)
+        return out.view(b, h, t, n)
+
     def read(self, packed: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
         """packed uint8 [b, h, t, bytes] holding n codes per row -> float32 [b, h, groups, t, n / groups]:
         the values of each group of n / groups consecutive codes, group-major."""
         b, h, t, _ = packed.shape
         values, table = self._tables(packed.device)
         width = n // groups
-        if table is not None and width % self.per_byte == 0:
+        if table is not None and self.per_byte and width % self.per_byte == 0:
             # whole bytes per group: reorder the (small) byte index group-major, then one lookup
             index = packed.reshape(b, h, t, groups, width // self.per_byte).transpose(2, 3)
             if self.nibbles:
@@ -87,7 +104,10 @@ class CodeReader:
             out = scratch(b * h * t * n, packed.device).view(-1, self.per_byte)
             torch.index_select(table, 0, index.reshape(-1).int(), out=out)
             return out.view(b, h, groups, t, width)
-        codes = values[unpack_bits(packed, self.bits, n).long()]
+        if table is not None and not self.per_byte and n % (24 // self.bits) == 0:
+            codes = self._read_halves(packed, table, n)
+        else:
+            codes = values[unpack_bits(packed, self.bits, n).long()]
         return codes.reshape(b, h, t, groups, width).transpose(2, 3)
 
 

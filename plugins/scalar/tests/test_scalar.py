@@ -355,3 +355,19 @@ def test_cuda_agrees_with_cpu(spec, transform):
     on_cuda = codec.decode(state).cpu()
     # the rotation's matmul sums in another order on the GPU, which may move a value across a code boundary
     assert (on_cuda != on_cpu).float().mean() < 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8), st.sampled_from([1, 2, 4]), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_codes_of_every_width_widen_to_their_values(bits, groups, tokens, seed):
+    """The estimator's code reader (byte tables, 12-bit tables for 3 and 6 bits, the generic unpack) gives
+    values[code] for every code, group-major, whatever the width."""
+    from kvcompress_kernels.bitpack import pack_bits_torch
+    from kvcompress_scalar.estimator import CodeReader
+
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(2**bits, generator=gen)
+    n = 48 * groups  # a multiple of every chunk: 8 codes per 3 bytes at 3 bits, 4 per 3 at 6, 8 per 5 at 5 ...
+    codes = torch.randint(0, 2**bits, (2, 3, tokens, n), generator=gen)
+    out = CodeReader(bits, values).read(pack_bits_torch(codes, bits), n, groups)
+    assert torch.equal(out, values[codes].reshape(2, 3, tokens, groups, n // groups).transpose(2, 3))
