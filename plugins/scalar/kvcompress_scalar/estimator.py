@@ -22,6 +22,7 @@ float32 whatever the query dtype, returning that dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,6 +50,23 @@ def fp8_halves(codes: torch.Tensor) -> torch.Tensor:
     return widened.view(torch.float16).float()
 
 
+@functools.lru_cache(maxsize=256)
+def code_table(bits: int, levels: tuple[float, ...], device: torch.device) -> torch.Tensor | None:
+    """The values of every code a packed unit holds, per unit: [256, 8 / bits] per byte where whole codes fill
+    bytes; [4096, 12 / bits] per 12-bit half of 3 bytes where codes straddle bytes but fill 3 (3 and 6 bits);
+    None otherwise. One per process for each width and levels (at most 64 KiB), shared by every reader and cache,
+    like the read scratch buffers (kvcompress_kernels.scratch): derived working tables, not a cache's state."""
+    values = torch.tensor(levels, dtype=torch.float32)
+    if 8 % bits == 0:
+        unit = 8
+    elif 12 % bits == 0:
+        unit = 12
+    else:
+        return None
+    shifts = torch.arange(0, unit, bits)
+    return values[(torch.arange(2**unit).unsqueeze(-1) >> shifts) & (2**bits - 1)].to(device)
+
+
 class CodeReader:
     """Float values of packed b-bit codes: `values[code]` for each code (codes 0..2^b - 1 for min/max)."""
 
@@ -58,22 +76,13 @@ class CodeReader:
         self.per_byte = 8 // bits if 8 % bits == 0 else 0
         # 4-bit codes standing for themselves (min/max) widen fastest by two shifts into a reused buffer
         self.nibbles = bits == 4 and torch.equal(self.values, torch.arange(16, dtype=torch.float32))
-        table = None
-        if self.per_byte:
-            shifts = torch.arange(0, 8, bits)
-            table = self.values[(torch.arange(256).unsqueeze(-1) >> shifts) & (2**bits - 1)]  # [256, per_byte]
-        elif 12 % bits == 0:
-            # codes that straddle bytes (3 and 6 bits) fill 12-bit halves of each 3 bytes: a 4096-row table
-            shifts = torch.arange(0, 12, bits)
-            table = self.values[(torch.arange(4096).unsqueeze(-1) >> shifts) & (2**bits - 1)]  # [4096, 12 / bits]
-        self.table = table
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.levels = tuple(self.values.tolist())
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if device not in self._on_device:
-            table = None if self.table is None else self.table.to(device)
-            self._on_device[device] = (self.values.to(device), table)
-        return self._on_device[device]
+            self._on_device[device] = self.values.to(device)
+        return self._on_device[device], code_table(self.bits, self.levels, device)
 
     def _read_halves(self, packed: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
         """3- or 6-bit codes, n a multiple of 24 / bits: each 3 packed bytes are two 12-bit halves of whole
