@@ -110,9 +110,13 @@ class RoleCodec:
     def scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
         """query grouped by KV head [batch, kv_heads, n, head_dim] -> [batch, kv_heads, n, tokens] (float32 when
         centered: the center's share is added to every token's score)."""
-        scores = self.estimator.scores(self.stored_query(query, state), state)
+        scores = self.stored_scores(query, state)
         offset = self.score_offset(query, state)
         return scores if offset is None else scores.float() + offset[..., None]
+
+    def stored_scores(self, query: torch.Tensor, state: PackedState) -> torch.Tensor:
+        """Scores against the vectors as stored: without the center's share when centered (score_offset)."""
+        return self.estimator.scores(self.stored_query(query, state), state)
 
     def score_offset(self, query: torch.Tensor, state: PackedState) -> torch.Tensor | None:
         """What centering takes from every token's score, <query, center>: float32 [batch, kv_heads, n] (None when
@@ -180,7 +184,7 @@ class EstimatorReader(Reader):
         self.keys, self.values = keys, values
 
     def attend(self, query, keys, values, bias, scale, softcap):
-        scores = self.keys.estimator.scores(self.keys.stored_query(query, keys), keys).float().mul_(scale)
+        scores = self.keys.stored_scores(query, keys).float().mul_(scale)
         # Centered keys: <q, center> is the same for every token, so it moves the log-sum-exp, not the weights
         # (added to the scores instead under softcapping, which is not shift-invariant).
         offset = self.keys.score_offset(query, keys)

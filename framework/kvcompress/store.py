@@ -93,6 +93,11 @@ class TokenStore:
     def ragged(self) -> bool:
         return self.regions is not None
 
+    @property
+    def _page(self) -> int:
+        """Capacities and ragged regions are whole pages of PAGE_TOKENS tokens and whole rows of every tensor."""
+        return math.lcm(PAGE_TOKENS, self.layout.quantum)
+
     # ---------------------------------------------------------------------------------------------
     # writing
 
@@ -220,7 +225,7 @@ class TokenStore:
 
     def _reallocate(self, tokens: int) -> None:
         """Buffers of capacity `tokens` (rounded up to a page), holding the first `length` tokens."""
-        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        page = self._page
         capacity = -(-tokens // page) * page
         for name, buffer in self.buffers.items():
             per = self.layout.tokens_per_row[name]
@@ -283,7 +288,7 @@ class TokenStore:
         """Hold padded tensors [batch, kv_heads, rows, ...] (zeros past each head's count), their positions
         [batch, kv_heads, tokens] and the counts: dense buffers (capacity the longest count, rounded up to a
         page) when every head holds the same count, else ragged regions (each its own count, rounded up)."""
-        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        page = self._page
         self.tokens = counts
         self.length = int(counts.max()) if counts.numel() else 0
         self.uniform = bool((counts == self.length).all())
@@ -329,7 +334,7 @@ class TokenStore:
 
     def _regrow(self, ends: torch.Tensor) -> None:
         """Ragged regions room for `ends` tokens each: GROWTH times larger where full, rounded up to a page."""
-        page = math.lcm(PAGE_TOKENS, self.layout.quantum)
+        page = self._page
         grown = torch.maximum(ends, torch.ceil(self.room * GROWTH).long())
         room = torch.where(ends > self.room, -(-grown // page) * page, self.room)
         tensors, positions = self._padded()

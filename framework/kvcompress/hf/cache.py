@@ -594,6 +594,10 @@ class CompressedLayer(SeenLayer):
     # ---------------------------------------------------------------------------------------------
     # what transformers asks of a cache layer
 
+    def empty_like(self) -> CompressedLayer:
+        """An empty layer with this one's codecs, geometry and modes."""
+        return CompressedLayer(self.codecs, self.kv_heads, self.head_dim, self.exact_new_tokens, self.sliding_window)
+
     def reset(self) -> None:
         self.sink_keys = self.sink_values = self.tail_keys = self.tail_values = None
         self.key_store = TokenStore(self.key_store.name)
@@ -731,10 +735,7 @@ class CompressedCache(Cache):
             if isinstance(layer, CompressedLayer):
                 layer.reset()
             else:
-                first = layer.rows[0]
-                self.layers[index] = CompressedLayer(
-                    layer.codecs, first.kv_heads, first.head_dim, first.exact_new_tokens, first.sliding_window
-                )
+                self.layers[index] = layer.rows[0].empty_like()
 
     def constants_nbytes(self) -> int:
         """Bytes of per-layer constants (sketches, codebooks, rotations, lookup tables): every tensor the

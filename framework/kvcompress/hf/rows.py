@@ -31,22 +31,26 @@ def first_real_positions(mask: torch.Tensor | None, first_query: int) -> list[in
     query of the sequence in this forward is padding); None for the whole batch when the mask is None.
 
     mask: the forward's 4D mask [batch, 1|heads, queries, first_query + queries]. A real query sees itself and
-    nothing later, and the first position it sees is its sequence's first real token (under a sliding window
-    too: the first real query sees back to it). Padded queries see nothing, or, where a torch fix un-masks
-    fully masked rows, everything: the later columns they see tell them apart."""
+    not the next position; padded queries see nothing, or, where a torch fix un-masks fully masked rows,
+    everything (the next position too). The first position the first real query sees is its sequence's first
+    real token (under a sliding or chunked window too: later queries start no earlier). Reads O(queries +
+    positions) of the mask, not all of it: this runs in the first forward of every layer."""
     if mask is None:
         return None
-    queries = mask.shape[-2]
-    visible = mask[:, 0]
-    if visible.dtype != torch.bool:
-        visible = visible > torch.finfo(visible.dtype).min / 2
-    columns = torch.arange(visible.shape[-1], device=visible.device)
-    own = first_query + torch.arange(queries, device=visible.device)
-    itself = visible.gather(-1, own.expand(visible.shape[0], queries)[..., None])[..., 0]
-    real = itself & ~(visible & (columns > own[:, None])).any(-1)  # [batch, queries]
-    first_seen = torch.where(visible.any(-1), visible.to(torch.uint8).argmax(-1), visible.shape[-1])
-    starts = torch.where(real, first_seen, visible.shape[-1]).min(-1).values.tolist()
-    return [start if start < visible.shape[-1] else None for start in starts]
+    rows = mask[:, 0]  # [batch, queries, positions]
+    batch, queries, width = rows.shape
+    own = first_query + torch.arange(queries, device=rows.device)
+
+    def visible(x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == torch.bool else x > torch.finfo(x.dtype).min / 2
+
+    itself = visible(rows.gather(-1, own.expand(batch, queries)[..., None])[..., 0])
+    following = visible(rows.gather(-1, (own + 1).clamp(max=width - 1).expand(batch, queries)[..., None])[..., 0])
+    real = itself & ~(following & (own + 1 < width))  # [batch, queries]
+    first_row = real.to(torch.uint8).argmax(-1)  # the first real query of each sequence
+    seen = visible(rows.gather(1, first_row[:, None, None].expand(batch, 1, width))[:, 0])  # [batch, positions]
+    starts = seen.to(torch.uint8).argmax(-1)
+    return [int(start) if has else None for start, has in zip(starts.tolist(), real.any(-1).tolist())]
 
 
 def _shifted(positions: torch.Tensor, start: int) -> torch.Tensor:
@@ -82,10 +86,7 @@ class PaddedBatchLayer(SeenLayer):
         self.is_sliding = layer.is_sliding
         self.is_initialized = True
         self.seen = 0
-        self.rows = [
-            CompressedLayer(layer.codecs, layer.kv_heads, layer.head_dim, layer.exact_new_tokens, layer.sliding_window)
-            for _ in starts
-        ]
+        self.rows = [layer.empty_like() for _ in starts]
         self.starts: list[int | None] = [None] * len(starts)
         # the running forward's tokens and captures, kept for sequences whose first real token is still unknown
         self.pending = layer.pending
