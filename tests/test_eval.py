@@ -4,6 +4,7 @@ slow tests on SmolLM2."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -221,6 +222,15 @@ def test_trials_hide_a_seeded_number_at_each_depth(tokenizer, text):
         assert trial.length < trial.input_ids.shape[1] < trial.length + 80
     positions = [tokenizer.decode(t.input_ids[0]).index(t.number) for t in trials[3:]]
     assert positions == sorted(positions)
+
+
+def test_base_model_trials_end_in_the_answer_prefix(tokenizer, text):
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    trial = needle.build_trials(base, text, "default", needle.NeedleSettings((64,), (0.5,)))[0]
+    prompt = base.decode(trial.input_ids[0], skip_special_tokens=True)
+    assert "<|im_start|>" not in prompt and needle.NEEDLE.format(number=trial.number) in prompt
+    assert prompt.endswith(f"{needle.QUESTION} {needle.BASE_ANSWER_PREFIX}")
 
 
 def test_trials_refuse_a_text_shorter_than_the_longest_document(tokenizer):

@@ -2,8 +2,9 @@
 whose keys and values sit in the compressed cache?
 
 A random 6-7 digit number is hidden as "The special magic number is N." at several depths of documents cut
-from the text to several lengths; the instruct model is asked for it through its chat template and answers
-greedily. An answer is correct when it contains the number (digit groups separated by commas or spaces
+from the text to several lengths; an instruct model is asked for it through its chat template, a base model
+(no chat template) reads the document, the question and the start of the answer (RULER's base-model framing)
+and continues it; both answer greedily. An answer is correct when it contains the number (digit groups separated by commas or spaces
 count). The same trials (same numbers, same prompts) run for the baseline and every spec.
 """
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text?"
+# What a base model continues: the first words of the answer, as RULER's answer prefix does.
+BASE_ANSWER_PREFIX = "The special magic number mentioned in the text is"
 # How far back from the chosen depth the needle may move to sit at a sentence end instead of mid-sentence.
 SNAP_CHARS = 400
 
@@ -62,7 +65,8 @@ class NeedleSettings:
 
 @dataclass(frozen=True)
 class Trial:
-    """One needle prompt: `length` document tokens with the needle at fraction `depth`, as chat input ids."""
+    """One needle prompt: `length` document tokens with the needle at fraction `depth`, as input ids (chat-framed
+    for an instruct model)."""
 
     length: int
     depth: float
@@ -82,11 +86,6 @@ def insert_needle(document: str, position: int, sentence: str) -> str:
 
 def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSettings) -> list[Trial]:
     """One trial per (length, depth), lengths outermost; numbers drawn from a generator seeded with settings.seed."""
-    if not has_chat_template(tokenizer):
-        raise KVCompressError(
-            "the needle task asks an instruct model through its chat template, and this model's tokenizer has none; "
-            "use an instruct model (the default smollm2 is one)"
-        )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     longest = max(settings.lengths)
     if len(ids) < longest:
@@ -95,6 +94,7 @@ def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSetting
             "--text FILE or shorter lengths"
         )
     rng = random.Random(settings.seed)
+    answer_prefix = "" if has_chat_template(tokenizer) else BASE_ANSWER_PREFIX
     trials = []
     for length in settings.lengths:
         document = tokenizer.decode(ids[:length])
@@ -102,7 +102,7 @@ def build_trials(tokenizer: Any, text: str, source: str, settings: NeedleSetting
             number = str(rng.randint(100_000, 9_999_999))
             position = len(tokenizer.decode(ids[: round(depth * length)]))
             haystack = insert_needle(document, position, NEEDLE.format(number=number))
-            input_ids = prompt_ids(tokenizer, f"{haystack}\n\n{QUESTION}")
+            input_ids = prompt_ids(tokenizer, f"{haystack}\n\n{QUESTION}", answer_prefix)
             trials.append(Trial(length=length, depth=depth, number=number, input_ids=input_ids))
     return trials
 
