@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from kvcompress import EstimatorMethod, LayerContext, MethodSpec, QuantizerMethod, ReaderMethod, hookimpl
+
+
+# Sketch rows as a count (a multiple of 8) or as a multiple of the head dimension ("4x"), so one spec sizes its
+# sketches alike at head_dim 64, 128 and 256.
+SketchRows = Annotated[int, Field(ge=8, le=8192, multiple_of=8)] | Annotated[str, Field(pattern=r"^[1-9][0-9]*x$")]
+
+
+def sketch_rows(value: int | str, head_dim: int) -> int:
+    """Rows of a sketch given as a count or as "Nx" (N x head_dim)."""
+    if isinstance(value, str):
+        return int(value[:-1]) * head_dim
+    return value
 
 
 class QJLSpec(MethodSpec):
@@ -14,20 +26,21 @@ class QJLSpec(MethodSpec):
     tokens and head, the largest-norm channels are split off and sketched on their own."""
 
     method: Literal["qjl"] = "qjl"
-    sketch_dim: int | None = Field(
-        None, ge=8, le=8192, multiple_of=8,
-        description="Sketch rows m, i.e. sign bits per key (a multiple of 8, at most 8192: the sketch matrix is m x "
-        "head_dim floats per layer). Default: 2 x head_dim, as in the reference. Give a larger sketch to some "
-        "layers with the spec's `layers` overrides.",
+    sketch_dim: SketchRows | None = Field(
+        None,
+        description="Sketch rows m, i.e. sign bits per key: a multiple of 8, at most 8192 (the sketch matrix is m x "
+        "head_dim floats per layer), or `Nx` for N x head_dim (`4x`: 256 rows at head_dim 64, 1024 at 256). "
+        "Default: 2 x head_dim, as in the reference. Give a larger sketch to some layers with the spec's `layers` "
+        "overrides.",
     )
     outliers: int = Field(
         8, ge=0,
         description="Outlier channels split off per group of tokens and head (0: none, and no token grouping).",
     )
-    outlier_sketch_dim: int | None = Field(
-        None, ge=8, le=8192, multiple_of=8,
-        description="Rows m' of the outlier sketch (the first m' rows of the sketch; a multiple of 8, at most "
-        "sketch_dim). Default: sketch_dim.",
+    outlier_sketch_dim: SketchRows | None = Field(
+        None,
+        description="Rows m' of the outlier sketch (the first m' rows of the sketch; a multiple of 8 or `Nx` as for "
+        "sketch_dim, at most sketch_dim). Default: sketch_dim.",
     )
     group: int = Field(
         32, ge=1,
@@ -45,11 +58,14 @@ class QJLSpec(MethodSpec):
 
     @model_validator(mode="after")
     def _outlier_sketch_fits(self) -> QJLSpec:
-        if self.sketch_dim is not None and self.outlier_sketch_dim is not None and self.outlier_sketch_dim > self.sketch_dim:
-            raise ValueError(
-                f"outlier_sketch_dim ({self.outlier_sketch_dim}) uses the first rows of the sketch, so it can be at "
-                f"most sketch_dim ({self.sketch_dim}): lower it or raise sketch_dim"
-            )
+        # comparable before head_dim is known when both are counts or both multiples; else checked when built
+        given = (self.sketch_dim, self.outlier_sketch_dim)
+        if None not in given and isinstance(given[0], str) == isinstance(given[1], str):
+            if sketch_rows(given[1], 1) > sketch_rows(given[0], 1):
+                raise ValueError(
+                    f"outlier_sketch_dim ({given[1]}) uses the first rows of the sketch, so it can be at "
+                    f"most sketch_dim ({given[0]}): lower it or raise sketch_dim"
+                )
         return self
 
 

@@ -7,7 +7,7 @@ import torch
 from kvcompress import LayerContext, PackedState, Quantizer
 from kvcompress_qjl.kernels import QJLCodes, group_channel_mask, outlier_channels, qjl_quantize, unpack_signs
 
-from kvcompress_qjl.plugin import QJLSpec
+from kvcompress_qjl.plugin import QJLSpec, sketch_rows
 from kvcompress_qjl.sketch import estimator_scale, make_sketch, sketch_seed
 
 
@@ -47,9 +47,11 @@ class QJLQuantizer(Quantizer):
     @classmethod
     def from_spec(cls, spec: QJLSpec, ctx: LayerContext) -> QJLQuantizer:
         d = ctx.head_dim
-        m = spec.sketch_dim or 2 * d
-        m_out = spec.outlier_sketch_dim or m
+        m = sketch_rows(spec.sketch_dim, d) if spec.sketch_dim is not None else 2 * d
+        m_out = sketch_rows(spec.outlier_sketch_dim, d) if spec.outlier_sketch_dim is not None else m
         where = f"layer {ctx.layer} {ctx.role} (qjl)"
+        if m > 8192:
+            raise ValueError(f"{where}: sketch_dim {spec.sketch_dim} is {m} rows at head_dim {d}, over 8192; lower it")
         if spec.outliers:
             if spec.outliers >= d:
                 raise ValueError(f"{where}: outliers ({spec.outliers}) must be below head_dim ({d}); lower it")

@@ -164,6 +164,19 @@ def test_larger_sketch_for_first_layers_through_layer_overrides():
     assert type(codecs[0].keys.estimator).__name__ == "QJLEstimator"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_sketch_sizes_given_as_multiples_of_head_dim_follow_the_head(head_dim):
+    spec = parse_spec({
+        "name": "qjl-relative",
+        "keys": {"quantizer": {"method": "qjl", "outlier_sketch_dim": "1x"}, "estimator": {"method": "qjl"}},
+        "values": {"quantizer": {"method": "float"}},
+        "layers": {"0": {"keys": {"quantizer": {"method": "qjl", "sketch_dim": "4x", "outlier_sketch_dim": "1x"}}}},
+    })
+    codecs = build_codecs(spec, num_layers=2, head_dim=head_dim, kv_heads=1)
+    sizes = [(c.keys.quantizer.sketch_dim, c.keys.quantizer.outlier_sketch_dim) for c in codecs]
+    assert sizes == [(4 * head_dim, head_dim), (2 * head_dim, head_dim)]
+
+
 def test_gqa_scores_match_per_head_queries():
     """Queries grouped by KV head: each query row is scored against its own KV head's keys."""
     codec = make_codec(REFERENCE, estimator={"method": "qjl"}, kv_heads=2)
@@ -189,6 +202,9 @@ def test_mix_is_refused_with_a_clear_error():
         ({"keys": {"quantizer": {"method": "float"}, "estimator": {"method": "qjl"}}}, "qjl"),
         ({"keys": {"quantizer": {"method": "qjl", "sketch_dim": 100}}}, "multiple of 8"),
         ({"keys": {"quantizer": {"method": "qjl", "sketch_dim": 64, "outlier_sketch_dim": 128}}}, "at most sketch_dim"),
+        ({"keys": {"quantizer": {"method": "qjl", "sketch_dim": "1x", "outlier_sketch_dim": "2x"}}}, "at most sketch_dim"),
+        ({"keys": {"quantizer": {"method": "qjl", "sketch_dim": "0x"}}}, "sketch_dim"),
+        ({"keys": {"quantizer": {"method": "qjl", "sketch_dim": "1.5x"}}}, "sketch_dim"),
         ({"values": {"quantizer": {"method": "qjl"}}}, "qjl"),
     ],
 )
@@ -204,6 +220,10 @@ def test_head_dim_dependent_limits_are_checked_when_built():
         make_codec({"method": "qjl", "outliers": 64}, head_dim=64)
     with pytest.raises(ValueError, match="at most sketch_dim"):
         make_codec({"method": "qjl", "outlier_sketch_dim": 256}, head_dim=64)
+    with pytest.raises(ValueError, match="at most sketch_dim"):
+        make_codec({"method": "qjl", "sketch_dim": 128, "outlier_sketch_dim": "4x"}, head_dim=64)
+    with pytest.raises(ValueError, match="over 8192"):
+        make_codec({"method": "qjl", "sketch_dim": "64x", "outliers": 0}, head_dim=256)
     with pytest.raises(ValueError, match="set outliers: 0"):
         make_codec({"method": "qjl"}, head_dim=512)
     make_codec({"method": "qjl", "outliers": 0}, head_dim=512)
