@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods import ROLES, STAGES
+from kvcompress.hf.loading import MODEL_HELP
+from kvcompress.methods import DEFAULT_MODEL, ROLES, STAGES
 from kvcompress.spec import CacheSpec, PipelineSpec, load_spec, parse_spec
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="the spec file to write (YAML); with several budgets it must contain {budget}")
     parser.add_argument("--name", help="the tuned spec's name (default: tuned-BUDGET); with several budgets it must contain {budget}")
-    parser.add_argument("--model", default="smollm2", help="smollm2 (the embedded default) or a local transformers model directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument("--text", metavar="FILE", help="calibration text (default: Python's pydoc topics; never the evaluation text)")
     parser.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
     parser.add_argument("--continuation", type=int, default=64, help="tokens scored per window (default 64)")
