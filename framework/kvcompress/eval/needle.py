@@ -4,8 +4,8 @@ whose keys and values sit in the compressed cache?
 A random 6-7 digit number is hidden as "The special magic number is N." at several depths of documents cut
 from the text to several lengths; an instruct model is asked for it through its chat template, a base model
 (no chat template) reads the document, the question and the start of the answer (RULER's base-model framing)
-and continues it; both answer greedily. An answer is correct when it contains the number (digit groups separated by commas or spaces
-count). The same trials (same numbers, same prompts) run for the baseline and every spec.
+and continues it; both answer greedily. An answer is correct when it contains the number (digit groups
+separated by commas or spaces count). The same trials (same numbers, same prompts) run for the baseline and every spec.
 """
 
 from __future__ import annotations

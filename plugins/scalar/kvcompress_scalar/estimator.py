@@ -77,12 +77,13 @@ class CodeReader:
         # 4-bit codes standing for themselves (min/max) widen fastest by two shifts into a reused buffer
         self.nibbles = bits == 4 and torch.equal(self.values, torch.arange(16, dtype=torch.float32))
         self.levels = tuple(self.values.tolist())
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # looked up once per device, not at each read (the shared table's key hashes every level: up to 2 us)
         if device not in self._on_device:
-            self._on_device[device] = self.values.to(device)
-        return self._on_device[device], code_table(self.bits, self.levels, device)
+            self._on_device[device] = (self.values.to(device), code_table(self.bits, self.levels, device))
+        return self._on_device[device]
 
     def _read_halves(self, packed: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
         """3- or 6-bit codes, n a multiple of 24 / bits: each 3 packed bytes are two 12-bit halves of whole
