@@ -10,20 +10,29 @@ Scores of a query q against a stored key (scale is the estimator constant, sqrt(
 where q_in, q_out split q on the same channels as its key. q_in is used rather than q because the inlier
 sketch never saw the outlier channels: the estimate stays unbiased and loses the outlier channels' variance.
 
-`qjl_quantize_torch` / `qjl_scores_torch` are the references (and the CPU path), `qjl_quantize_triton` /
-`qjl_scores_triton` the kernels; `qjl_quantize` / `qjl_scores` dispatch on the device.
+`qjl_quantize_torch` / `qjl_scores_torch` are the references, `qjl_quantize_triton` / `qjl_scores_triton` the
+GPU kernels, `qjl_scores_native` the CPU kernel for decode-sized query blocks (kernels_cpu.cpp, compiled on first
+use; the torch path where no compiler works); `qjl_quantize` / `qjl_scores` dispatch.
 """
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from kvcompress_kernels.dispatch import HAS_TRITON, block_size, use_triton
+from kvcompress_kernels.dispatch import HAS_TRITON, block_size, native_library, use_triton
+from kvcompress_kernels import native
+from kvcompress_kernels.native import pointer
 from kvcompress_kernels.bitpack import pack_bits_torch
 from kvcompress_kernels.scratch import scratch
 
+NATIVE_SOURCE = Path(__file__).with_name("kernels_cpu.cpp")
+# Queries per KV head the CPU kernel takes (decode: query heads per KV head x 1-2 tokens); larger blocks (prefill,
+# chunked scoring) keep the torch path, whose matmul then has the arithmetic to pay for unpacking the signs.
+NATIVE_QUERIES = 8
 # Tokens scored at once by the torch path (rounded down to whole outlier groups).
 SCORE_CHUNK = 2048
 # Norms are stored in fp16 saturated at its largest finite value: a key longer than that would become Inf and
@@ -181,6 +190,70 @@ def qjl_scores_torch(
     return out.permute(0, 1, 3, 2, 4).reshape(b, h, n, t)
 
 
+class _NativeScores(ctypes.Structure):
+    """The Args struct of kernels_cpu.cpp (same fields, same order)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "heads", "tokens", "head_dim", "group", "m", "m_out",
+                                                      "outliers")] + [
+        ("query", ctypes.c_void_p), ("sketched", ctypes.c_void_p), ("sketch_t", ctypes.c_void_p),
+        ("signs", ctypes.c_void_p), ("signs_b", ctypes.c_int64), ("signs_h", ctypes.c_int64), ("norm", ctypes.c_void_p),
+        ("outlier_signs", ctypes.c_void_p), ("outlier_signs_b", ctypes.c_int64), ("outlier_signs_h", ctypes.c_int64),
+        ("outlier_norm", ctypes.c_void_p), ("outlier_index", ctypes.c_void_p), ("index_b", ctypes.c_int64),
+        ("index_h", ctypes.c_int64), ("scale_in", ctypes.c_float), ("scale_out", ctypes.c_float), ("out", ctypes.c_void_p),
+    ]
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor [b, h, t, ...] with contiguous token rows (a store's view already has them: no copy)."""
+    inner = tensor[0, 0] if tensor.shape[0] and tensor.shape[1] else tensor
+    return tensor if inner.is_contiguous() else tensor.contiguous()
+
+
+def qjl_scores_native(
+    query: torch.Tensor,
+    codes: QJLCodes,
+    sketch: torch.Tensor,
+    scale: float,
+    outlier_index: torch.Tensor | None = None,
+    group: int = 1,
+) -> torch.Tensor:
+    """The CPU kernel (kernels_cpu.cpp) for query [b, h, n, d] with n <= NATIVE_QUERIES: float32 [b, h, n, t] like
+    qjl_scores_torch. Raises where the kernel cannot be built (kvcompress_kernels.native says why)."""
+    library = native.library(NATIVE_SOURCE)
+    if library is None:
+        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    b, h, n, d = query.shape
+    if not 1 <= n <= NATIVE_QUERIES:
+        raise ValueError(f"the CPU kernel scores 1..{NATIVE_QUERIES} queries per KV head, got {n}")
+    sketch = sketch.float()
+    m = sketch.shape[0]
+    t = codes.signs.shape[2]
+    q = query.float().contiguous()
+    sketched = (q @ sketch.T).contiguous()
+    signs = _rows(codes.signs)
+    out = torch.empty(b, h, n, t, dtype=torch.float32, device=query.device)
+    has_outliers = outlier_index is not None
+    if has_outliers and t % group:
+        raise ValueError(f"outlier groups need whole groups of {group} tokens, got {t} tokens")
+    outlier_signs = _rows(codes.outlier_signs) if has_outliers else None
+    index = _rows(outlier_index) if has_outliers else None
+    m_out = outlier_signs.shape[-1] * 8 if has_outliers else 0
+    held = [q, sketched, sketch.T.contiguous(), codes.norm.float().contiguous(),
+            codes.outlier_norm.float().contiguous() if has_outliers else None]
+    args = _NativeScores(
+        b, h, t, d, group, m, m_out, index.shape[-1] if has_outliers else 0,
+        pointer(held[0]), pointer(held[1]), pointer(held[2]),
+        pointer(signs), signs.stride(0), signs.stride(1), pointer(held[3]),
+        pointer(outlier_signs), outlier_signs.stride(0) if has_outliers else 0,
+        outlier_signs.stride(1) if has_outliers else 0, pointer(held[4]),
+        pointer(index), index.stride(0) if has_outliers else 0, index.stride(1) if has_outliers else 0,
+        scale / m, scale / m_out if has_outliers else 0.0, pointer(out),
+    )
+    if b * h * t and library.qjl_scores_cpu(ctypes.byref(args), n):
+        raise RuntimeError(f"the QJL CPU kernel refused {n} queries per KV head")
+    return out
+
+
 def qjl_quantize(
     keys: torch.Tensor,
     sketch: torch.Tensor,
@@ -202,9 +275,12 @@ def qjl_scores(
     outlier_index: torch.Tensor | None = None,
     group: int = 1,
 ) -> torch.Tensor:
-    """Scores with the Triton kernel on CUDA, the torch reference elsewhere."""
+    """Scores with the Triton kernel on CUDA, the C++ kernel on the CPU for decode-sized query blocks where it
+    builds, the torch reference elsewhere."""
     if use_triton(query, codes.signs, sketch):
         return qjl_scores_triton(query, codes, sketch, scale, outlier_index, group)
+    if query.shape[2] <= NATIVE_QUERIES and native_library(NATIVE_SOURCE, query, codes.signs) is not None:
+        return qjl_scores_native(query, codes, sketch, scale, outlier_index, group)
     return qjl_scores_torch(query, codes, sketch, scale, outlier_index, group)
 
 

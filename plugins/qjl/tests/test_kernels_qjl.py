@@ -8,6 +8,7 @@ import torch
 
 from kvcompress.testing import kernel_devices
 from kvcompress_qjl.kernels import (
+    NATIVE_QUERIES,
     QJLCodes,
     outlier_channels,
     qjl_quantize,
@@ -101,13 +102,20 @@ def test_scores_kernel_query_and_group_blocks(device):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-def test_dispatch_uses_torch_on_cpu():
+def test_dispatch_on_cpu(monkeypatch):
+    """CPU tensors: quantize takes the torch path; scores the C++ kernel for decode-sized query blocks (where it
+    builds: test_kernels_cpu_qjl holds it to the reference), the torch path for larger ones or when told to."""
     keys, sketch, index = case(64, 64, 8, 32, 128, 128)
     codes = qjl_quantize(keys, sketch, index, 32, 128)
     for name, tensor in qjl_quantize_torch(keys, sketch, index, 32, 128)._asdict().items():
         assert torch.equal(getattr(codes, name), tensor)
     query = torch.randn(1, 2, 3, 64)
-    assert torch.equal(qjl_scores(query, codes, sketch, SCALE, index, 32), qjl_scores_torch(query, codes, sketch, SCALE, index, 32))
+    expected = qjl_scores_torch(query, codes, sketch, SCALE, index, 32)
+    torch.testing.assert_close(qjl_scores(query, codes, sketch, SCALE, index, 32), expected, rtol=1e-5, atol=1e-4)
+    many = torch.randn(1, 2, NATIVE_QUERIES + 1, 64)
+    assert torch.equal(qjl_scores(many, codes, sketch, SCALE, index, 32), qjl_scores_torch(many, codes, sketch, SCALE, index, 32))
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    assert torch.equal(qjl_scores(query, codes, sketch, SCALE, index, 32), expected)
 
 
 def test_bad_shapes_are_named():

@@ -1,0 +1,67 @@
+"""kvcompress_kernels.native: C++ kernels compiled once into a cache, a clear reason where they cannot be, and
+the KVCOMPRESS_KERNELS override."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+
+from kvcompress_kernels import native
+from kvcompress_kernels.dispatch import native_library
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+
+
+def test_compiles_once_and_reuses_the_cached_library(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    source = tmp_path / "twice.cpp"
+    source.write_text('extern "C" int twice(int x) { return 2 * x; }\n')
+    library = native.library(source)
+    assert library is not None and library.twice(21) == 42
+    built = list((tmp_path / "cache").glob("twice-*.so"))
+    assert len(built) == 1
+    assert native.library(source) is library
+    stamp = built[0].stat().st_mtime_ns
+    native._loaded.pop(source)  # a new process: finds the file instead of compiling again
+    assert native.library(source).twice(2) == 4
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_source_that_does_not_compile_gives_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n")
+    assert native.library(source) is None
+    assert "broken.cpp" in native.unavailable(source) and "error" in native.unavailable(source)
+    assert not list(tmp_path.glob("*.so"))
+    cpu = torch.zeros(1)
+    assert native_library(source, cpu) is None  # the caller keeps its torch path
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "native")
+    with pytest.raises(RuntimeError, match="KVCOMPRESS_KERNELS=native, but .*broken.cpp"):
+        native_library(source, cpu)
+
+
+def test_a_missing_compiler_gives_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    source = tmp_path / "fine.cpp"
+    source.write_text('extern "C" int one() { return 1; }\n')
+    assert native.library(source) is None
+    assert "no-such-compiler could not build fine.cpp" in native.unavailable(source)
+
+
+def test_overrides_choose_the_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    source = tmp_path / "path.cpp"
+    source.write_text('extern "C" int one() { return 1; }\n')
+    cpu = torch.zeros(1)
+    assert isinstance(native_library(source, cpu), ctypes.CDLL)
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    assert native_library(source, cpu) is None
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "triton")
+    assert native_library(source, cpu) is None
+    monkeypatch.delenv("KVCOMPRESS_KERNELS")
+    assert native_library(source, torch.zeros(1, device="meta")) is None  # not a CPU tensor
