@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "KVCOMPRESS_NATIVE_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}

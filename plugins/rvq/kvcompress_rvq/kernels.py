@@ -9,17 +9,25 @@ Lookup-table scores: a key is stored as its fp16 scale and M = groups x depth co
 codeword c of level(m)> is computed once; a key's score is scale * sum_m table[m, code_m]. No key is
 reconstructed.
 
-`*_torch` functions are the references (and the CPU path), `*_triton` the kernels; `nearest_codeword` and
-`lut_scores` dispatch on the device.
+`*_torch` functions are the references, `*_triton` the GPU kernels, `residual_encode_native` the CPU encoder
+(kernels_cpu.cpp, compiled on first use; the torch path where no compiler works); `nearest_codeword`,
+`residual_encode` and `lut_scores` dispatch on the device.
 """
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 
-from kvcompress_kernels.dispatch import HAS_TRITON, block_size, use_triton
+from kvcompress_kernels import native
+from kvcompress_kernels.dispatch import HAS_TRITON, block_size, native_library, use_triton
 from kvcompress_kernels.bitpack import packed_length, unpack_bits
 
+NATIVE_SOURCE = Path(__file__).with_name("kernels_cpu.cpp")
+# The C++ encoder scores codewords in tiles of this many (the codebook is padded to a multiple).
+NATIVE_TILE = 64
 # Rows of the distance matrix computed at once by the torch path (bounds its temporary memory).
 SEARCH_CHUNK = 2048
 # Tokens scored at once by the torch lookup-table path.
@@ -60,18 +68,45 @@ def nearest_codeword(residuals: torch.Tensor, codebook: torch.Tensor) -> torch.T
     return nearest_codeword_torch(residuals, codebook)
 
 
-def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Codes int64 [N, depth] of vectors [N, g] through codebooks [depth, C, g]: level by level on the residual."""
+class _NativeEncode(ctypes.Structure):
+    """The Args struct of kernels_cpu.cpp (same fields, same order)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("rows", "width", "depth", "size", "padded")] + [
+        (name, ctypes.c_void_p) for name in ("vectors", "transposed", "norms", "codebooks", "codes")
+    ] + [("threads", ctypes.c_int64)]
+
+
+def residual_encode_native(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """The CPU encoder (kernels_cpu.cpp): codes int64 [N, depth] like residual_encode_torch (a code may
+    differ where two codewords are within float rounding of each other), on torch's thread count. Raises where
+    the kernel cannot be built (kvcompress_kernels.native says why)."""
+    library = native.library(NATIVE_SOURCE)
+    if library is None:
+        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    if vectors.dim() != 2 or codebooks.dim() != 3 or vectors.shape[1] != codebooks.shape[2]:
+        raise ValueError(f"residual encoding needs vectors [N, g] and codebooks [depth, C, g], got "
+                         f"{tuple(vectors.shape)} and {tuple(codebooks.shape)}")
+    x = vectors.float().contiguous()
+    codewords = codebooks.float().contiguous()
+    depth, size, width = codewords.shape
+    padded = -(-size // NATIVE_TILE) * NATIVE_TILE
+    transposed = torch.zeros(depth, width, padded)
+    transposed[:, :, :size] = codewords.transpose(1, 2)
+    norms = torch.full((depth, padded), float("inf"))
+    norms[:, :size] = codewords.square().sum(-1)
+    codes = torch.empty(x.shape[0], depth, dtype=torch.int64)
+    held = (x, transposed, norms, codewords, codes)
+    if x.shape[0] and depth:
+        library.rvq_encode_cpu(ctypes.byref(_NativeEncode(
+            x.shape[0], width, depth, size, padded, *(t.data_ptr() for t in held), torch.get_num_threads())))
+    return codes
+
+
+def residual_encode_torch(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Codes int64 [N, depth] of vectors [N, g] through codebooks [depth, C, g]: level by level on the residual,
+    a block of SEARCH_CHUNK rows through every level while it is in cache (the reference)."""
     codebooks = codebooks.float()
     codes = torch.empty(vectors.shape[0], codebooks.shape[0], dtype=torch.int64, device=vectors.device)
-    if use_triton(vectors, codebooks):
-        residual = vectors.float().clone()
-        for level in range(codebooks.shape[0]):
-            code = nearest_codeword_triton(residual, codebooks[level])
-            codes[:, level] = code
-            residual -= codebooks[level][code]
-        return codes
-    # torch path: a block of SEARCH_CHUNK rows goes through every level while it is in cache
     norms = codebooks.square().sum(-1)
     for start in range(0, vectors.shape[0], SEARCH_CHUNK):
         residual = vectors[start : start + SEARCH_CHUNK].float().clone()
@@ -80,6 +115,23 @@ def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Ten
             codes[start : start + SEARCH_CHUNK, level] = code
             residual -= codebooks[level][code]
     return codes
+
+
+def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """residual_encode_torch's codes through the search kernel level by level on CUDA, the C++ encoder on the CPU
+    where it builds, else the reference."""
+    codebooks = codebooks.float()
+    if use_triton(vectors, codebooks):
+        codes = torch.empty(vectors.shape[0], codebooks.shape[0], dtype=torch.int64, device=vectors.device)
+        residual = vectors.float().clone()
+        for level in range(codebooks.shape[0]):
+            code = nearest_codeword_triton(residual, codebooks[level])
+            codes[:, level] = code
+            residual -= codebooks[level][code]
+        return codes
+    if native_library(NATIVE_SOURCE, vectors, codebooks) is not None:
+        return residual_encode_native(vectors, codebooks)
+    return residual_encode_torch(vectors, codebooks)
 
 
 def residual_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The RVQ C++ encoder (kernels_cpu.cpp) against residual_encode_torch: codebook sizes that are and are not
+multiples of its tile, group widths, odd row counts, one and two threads, ties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress_kernels import native
+from kvcompress_rvq.kernels import (
+    NATIVE_SOURCE,
+    residual_decode,
+    residual_encode,
+    residual_encode_native,
+    residual_encode_torch,
+)
+
+
+@pytest.fixture(autouse=True)
+def needs_compiler():
+    if native.library(NATIVE_SOURCE) is None:
+        pytest.skip(f"no C++ kernel: {native.unavailable(NATIVE_SOURCE)}")
+
+
+def codebooks(depth: int, size: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    decay = (0.7 ** torch.arange(depth, dtype=torch.float32)).view(depth, 1, 1)
+    return torch.randn(depth, size, width, generator=generator) * decay
+
+
+def assert_same_codes(vectors: torch.Tensor, books: torch.Tensor, got: torch.Tensor) -> None:
+    """Equal codes; a code may differ only where two codewords are within float rounding (then the coding error is
+    the same to rounding)."""
+    expected = residual_encode_torch(vectors, books)
+    differ = (got != expected).any(-1)
+    assert differ.float().mean() <= 0.01
+    error = lambda codes: (vectors - residual_decode(codes, books)).square().sum(-1)
+    torch.testing.assert_close(error(got)[differ], error(expected)[differ], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth, size, width", [(11, 256, 32), (6, 256, 32), (3, 100, 8), (2, 16, 64), (1, 65, 5)])
+@pytest.mark.parametrize("rows", [1, 7, 1001])
+def test_matches_the_reference(depth, size, width, rows):
+    books = codebooks(depth, size, width, seed=size)
+    vectors = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    assert_same_codes(vectors, books, residual_encode_native(vectors, books))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_split_rows_alike(threads):
+    books = codebooks(4, 256, 32)
+    vectors = torch.randn(3001, 32, generator=torch.Generator().manual_seed(3))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = residual_encode_native(vectors, books)
+    finally:
+        torch.set_num_threads(previous)
+    assert_same_codes(vectors, books, got)
+
+
+def test_ties_go_to_the_lowest_index():
+    books = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]] * 2)
+    vectors = torch.tensor([[0.5, 0.5], [0.0, 2.0], [3.0, 0.0]])
+    assert torch.equal(residual_encode_native(vectors, books), residual_encode_torch(vectors, books))
+    assert residual_encode_native(vectors, books)[:, 0].tolist() == [0, 1, 0]
+
+
+def test_empty_input_and_shapes():
+    books = codebooks(2, 16, 8)
+    assert residual_encode_native(torch.zeros(0, 8), books).shape == (0, 2)
+    with pytest.raises(ValueError, match="vectors \\[N, g\\] and codebooks"):
+        residual_encode_native(torch.zeros(4, 7), books)
+
+
+def test_dispatch_takes_the_encoder_on_cpu(monkeypatch):
+    books = codebooks(3, 64, 16)
+    vectors = torch.randn(50, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(residual_encode(vectors, books), residual_encode_native(vectors, books))
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    assert torch.equal(residual_encode(vectors, books), residual_encode_torch(vectors, books))
