@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress_rvq import kernels
-from kvcompress_rvq.kernels import lut_scores
+from kvcompress_rvq.kernels import lut_mix, lut_scores
 from kvcompress.runtime import Estimator, Quantizer
 from kvcompress.state import PackedState
 from kvcompress_rvq.quantizer import RVQQuantizer
@@ -36,18 +35,8 @@ class LUTEstimator(Estimator):
     def mix(self, weights: torch.Tensor, state: PackedState) -> torch.Tensor:
         rvq = self.rvq
         b, h, n, t = weights.shape
-        m, size = rvq.codes_per_token, rvq.codebook_size
-        offsets = torch.arange(m, device=weights.device) * size
-        per_codeword = torch.zeros(b, h, n, m * size, dtype=torch.float32, device=weights.device)
-        # token blocks bound the unpacked codes and the per-code weights to kernels.SCORE_CHUNK tokens
-        for start in range(0, t, kernels.SCORE_CHUNK):
-            stop = min(t, start + kernels.SCORE_CHUNK)
-            packed = state.tensors["codes"][:, :, start:stop]
-            codes = kernels.token_codes(packed, rvq.bits, m).long().add_(offsets)  # [b, h, block, m]
-            index = codes.reshape(b, h, 1, (stop - start) * m).expand(b, h, n, -1)
-            weighted = weights[..., start:stop].float() * state.tensors["scale"][:, :, None, start:stop].float()
-            source = weighted.unsqueeze(-1).expand(b, h, n, stop - start, m).reshape(b, h, n, -1)
-            per_codeword.scatter_add_(-1, index, source)
+        size = rvq.codebook_size
+        per_codeword = lut_mix(weights, state.tensors["codes"], state.tensors["scale"], rvq.bits, rvq.codes_per_token, size)
         per_codeword = per_codeword.reshape(b, h, n, rvq.grouping.groups, rvq.depth, size)
         groups = torch.einsum("bhnjlc,lcg->bhnjg", per_codeword, rvq.codebooks_on(weights.device))
         return rvq.grouping.merge(groups).to(weights.dtype)

@@ -9,9 +9,12 @@ Lookup-table scores: a key is stored as its fp16 scale and M = groups x depth co
 codeword c of level(m)> is computed once; a key's score is scale * sum_m table[m, code_m]. No key is
 reconstructed.
 
-`*_torch` functions are the references, `*_triton` the GPU kernels, `residual_encode_native` the CPU encoder
-(kernels_cpu.cpp, compiled on first use; the torch path where no compiler works); `nearest_codeword`,
-`residual_encode` and `lut_scores` dispatch on the device.
+Lookup-table mix (values): the attention weights times each token's scale, summed per code slot and codeword
+(out[m, c] = sum of w_t * scale_t over tokens whose code m is c); the estimator multiplies that by the codebooks.
+
+`*_torch` functions are the references, `*_triton` the GPU kernels, `*_native` the CPU kernels (kernels_cpu.cpp,
+compiled on first use; the torch path where no compiler works: encoding, and lookups of 8-bit codes);
+`nearest_codeword`, `residual_encode`, `lut_scores` and `lut_mix` dispatch on the device.
 """
 
 from __future__ import annotations
@@ -184,11 +187,91 @@ def lut_scores_torch(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
     return (out.view(b, h, n, t) * scale.float().unsqueeze(2))
 
 
+def lut_mix_torch(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, m: int, size: int
+                  ) -> torch.Tensor:
+    """Weight per codeword float32 [b, h, n, m * size] of weights [b, h, n, t], packed codes uint8 [b, h, t, bytes]
+    (m codes per token), scale [b, h, t]: one scatter_add per block of SCORE_CHUNK tokens (bounds the unpacked
+    codes and per-code weights)."""
+    b, h, n, t = weights.shape
+    offsets = torch.arange(m, device=weights.device) * size
+    out = torch.zeros(b, h, n, m * size, dtype=torch.float32, device=weights.device)
+    for start in range(0, t, SCORE_CHUNK):
+        stop = min(t, start + SCORE_CHUNK)
+        block = token_codes(codes[:, :, start:stop], bits, m).long().add_(offsets)  # [b, h, block, m]
+        index = block.reshape(b, h, 1, (stop - start) * m).expand(b, h, n, -1)
+        weighted = weights[..., start:stop].float() * scale[:, :, None, start:stop].float()
+        source = weighted.unsqueeze(-1).expand(b, h, n, stop - start, m).reshape(b, h, n, -1)
+        out.scatter_add_(-1, index, source)
+    return out
+
+
+class _NativeLookup(ctypes.Structure):
+    """The LookupArgs struct of kernels_cpu.cpp (same fields, same order)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "heads", "tokens", "queries", "slots", "size")] + [
+        ("codes", ctypes.c_void_p), ("codes_b", ctypes.c_int64), ("codes_h", ctypes.c_int64),
+    ] + [(name, ctypes.c_void_p) for name in ("scale", "tables", "weights", "out")]
+
+
+def _lookup(entry: str, codes: torch.Tensor, scale: torch.Tensor, queries: int, m: int, size: int,
+            tables: torch.Tensor | None, weights: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Run rvq_lut_scores_cpu / rvq_lut_mix_cpu on 8-bit codes [b, h, t, m] (read where they lie: a store's
+    strided view is not copied) and return `out`."""
+    library = native.library(NATIVE_SOURCE)
+    if library is None:
+        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    if codes.dtype != torch.uint8 or codes.shape[-1] != m or size > 256:
+        raise ValueError(f"the CPU lookups read 8-bit codes, one byte per code: got {tuple(codes.shape)} {codes.dtype} "
+                         f"for {m} codes of a {size}-codeword book")
+    b, h, t = codes.shape[:3]
+    if not (codes[0, 0].is_contiguous() if b * h else True):
+        codes = codes.contiguous()
+    held = (scale.float().contiguous(), tables, weights)
+    if b * h * t * queries:
+        getattr(library, entry)(ctypes.byref(_NativeLookup(
+            b, h, t, queries, m, size, codes.data_ptr(), codes.stride(0), codes.stride(1),
+            *(native.pointer(x) for x in held), out.data_ptr())))
+    return out
+
+
+def lut_scores_native(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The CPU kernel (kernels_cpu.cpp) for 8-bit codes: float32 [b, h, n, t] like lut_scores_torch."""
+    _check_scores(tables, codes, scale, bits)
+    b, h, n, m, size = tables.shape
+    out = torch.empty(b, h, n, codes.shape[2], dtype=torch.float32)
+    return _lookup("rvq_lut_scores_cpu", codes, scale, n, m, size, tables.float().contiguous(), None, out)
+
+
+def lut_mix_native(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, m: int, size: int
+                   ) -> torch.Tensor:
+    """The CPU kernel (kernels_cpu.cpp) for 8-bit codes: float32 [b, h, n, m * size] like lut_mix_torch."""
+    b, h, n, _ = weights.shape
+    out = torch.zeros(b, h, n, m * size, dtype=torch.float32)
+    return _lookup("rvq_lut_mix_cpu", codes, scale, n, m, size, None, weights.float().contiguous(), out)
+
+
+def _native_lookups(bits: int, m: int, codes: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the CPU lookups take these codes: 8-bit codes, one byte each, and the C++ kernels at hand."""
+    return bits == 8 and codes.shape[-1] == m and native_library(NATIVE_SOURCE, codes, *tensors) is not None
+
+
 def lut_scores(tables: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Lookup-table scores with the Triton kernel on CUDA, the torch reference elsewhere."""
+    """Lookup-table scores with the Triton kernel on CUDA, the C++ kernel on the CPU for 8-bit codes where it
+    builds, the torch reference elsewhere."""
     if use_triton(tables, codes, scale):
         return lut_scores_triton(tables, codes, scale, bits)
+    if _native_lookups(bits, tables.shape[3], codes, tables, scale):
+        return lut_scores_native(tables, codes, scale, bits)
     return lut_scores_torch(tables, codes, scale, bits)
+
+
+def lut_mix(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, m: int, size: int
+            ) -> torch.Tensor:
+    """Weight per codeword (lut_mix_torch) with the C++ kernel on the CPU for 8-bit codes where it builds, else
+    the torch reference (a GPU reads values through the fused reader, kvcompress_rvq.decode_kernels)."""
+    if _native_lookups(bits, m, codes, weights, scale):
+        return lut_mix_native(weights, codes, scale, bits, m, size)
+    return lut_mix_torch(weights, codes, scale, bits, m, size)
 
 
 if HAS_TRITON:

@@ -1,6 +1,8 @@
-// RVQ encoding on the CPU: every level of the residual coding of a block of vectors in one pass (the C++ twin of
-// kvcompress_rvq.kernels.residual_encode's torch path; loaded by kvcompress_kernels.native).
+// RVQ on the CPU (loaded by kvcompress_kernels.native), the C++ twins of kvcompress_rvq.kernels' torch references:
+// rvq_encode_cpu (residual_encode_torch), rvq_lut_scores_cpu (lut_scores_torch) and rvq_lut_mix_cpu
+// (lut_mix_torch), the last two for 8-bit codes (one byte per code: read in place).
 //
+// Encoding: every level of the residual coding of a block of vectors in one pass.
 // The torch path writes each level's distance matrix [rows, codewords] to memory and reads it back to find the
 // minimum; here a block of R rows is scored against CW codewords at a time in registers (each codeword load
 // serves R rows), the running minimum kept per lane, so no distance ever leaves the core. Ranking as in the
@@ -89,7 +91,65 @@ void encode_rows(const Args &a, int64_t begin, int64_t end) {
     }
 }
 
+struct LookupArgs {
+    int64_t batch, heads, tokens, queries, slots, size;  // slots: codes per token (M), size: codewords (C)
+    const uint8_t *codes;   // (b, h, t) row of M bytes at b * codes_b + h * codes_h + t * M
+    int64_t codes_b, codes_h;
+    const float *scale;     // [b, h, t]
+    const float *tables;    // scores: [b, h, n, M, C] lookup tables
+    const float *weights;   // mix: [b, h, n, t] attention weights
+    float *out;             // scores: [b, h, n, t]; mix: [b, h, n, M * C] weight per codeword (zeroed by the caller)
+};
+
 }  // namespace
+
+// Scores: out[b, h, q, t] = scale[t] * sum over slots m of tables[q, m, code_m(t)].
+extern "C" void rvq_lut_scores_cpu(const LookupArgs *a) {
+    const int64_t n = a->queries, slots = a->slots, size = a->size, t = a->tokens;
+    for (int64_t b = 0; b < a->batch; b++)
+        for (int64_t h = 0; h < a->heads; h++) {
+            const int64_t bh = b * a->heads + h;
+            const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+            // one query's tables (M x C floats: 22 KB at 22 slots of 256) stay in L1 while every token is read
+            for (int64_t q = 0; q < n; q++) {
+                const float *table = a->tables + (bh * n + q) * slots * size;
+                float *out = a->out + (bh * n + q) * t;
+                int64_t tok = 0;
+                for (; tok + 4 <= t; tok += 4) {  // four tokens' sums at once: independent chains of adds
+                    const uint8_t *row = codes + tok * slots;
+                    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int64_t m = 0; m < slots; m++)
+                        for (int k = 0; k < 4; k++) sum[k] += table[m * size + row[k * slots + m]];
+                    for (int k = 0; k < 4; k++) out[tok + k] = sum[k] * a->scale[bh * t + tok + k];
+                }
+                for (; tok < t; tok++) {
+                    const uint8_t *row = codes + tok * slots;
+                    float sum = 0.0f;
+                    for (int64_t m = 0; m < slots; m++) sum += table[m * size + row[m]];
+                    out[tok] = sum * a->scale[bh * t + tok];
+                }
+            }
+        }
+}
+
+// Mix: out[b, h, q, m * C + c] += weights[q, t] * scale[t] for every token t whose code in slot m is c.
+extern "C" void rvq_lut_mix_cpu(const LookupArgs *a) {
+    const int64_t n = a->queries, slots = a->slots, size = a->size, t = a->tokens;
+    for (int64_t b = 0; b < a->batch; b++)
+        for (int64_t h = 0; h < a->heads; h++) {
+            const int64_t bh = b * a->heads + h;
+            const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+            for (int64_t q = 0; q < n; q++) {
+                const float *weights = a->weights + (bh * n + q) * t;
+                float *out = a->out + (bh * n + q) * slots * size;  // M x C floats: stays in L1 for every token
+                for (int64_t tok = 0; tok < t; tok++) {
+                    const float weight = weights[tok] * a->scale[bh * t + tok];
+                    const uint8_t *row = codes + tok * slots;
+                    for (int64_t m = 0; m < slots; m++) out[m * size + row[m]] += weight;
+                }
+            }
+        }
+}
 
 // Codes [rows, depth] of `rows` vectors; rows split over `threads` threads.
 extern "C" void rvq_encode_cpu(const Args *a) {

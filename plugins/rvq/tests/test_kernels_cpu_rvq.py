@@ -1,5 +1,6 @@
-"""The RVQ C++ encoder (kernels_cpu.cpp) against residual_encode_torch: codebook sizes that are and are not
-multiples of its tile, group widths, odd row counts, one and two threads, ties."""
+"""The RVQ C++ kernels (kernels_cpu.cpp) against their torch references: the encoder (codebook sizes that are and
+are not multiples of its tile, group widths, odd row counts, one and two threads, ties) and the lookup-table
+scores and mix of 8-bit codes (query counts, odd token counts, batches, a store's strided views)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import torch
 from kvcompress_kernels import native
 from kvcompress_rvq.kernels import (
     NATIVE_SOURCE,
+    lut_mix,
+    lut_mix_native,
+    lut_mix_torch,
+    lut_scores,
+    lut_scores_native,
+    lut_scores_torch,
     residual_decode,
     residual_encode,
     residual_encode_native,
@@ -79,3 +86,45 @@ def test_dispatch_takes_the_encoder_on_cpu(monkeypatch):
     assert torch.equal(residual_encode(vectors, books), residual_encode_native(vectors, books))
     monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
     assert torch.equal(residual_encode(vectors, books), residual_encode_torch(vectors, books))
+
+
+def lookups(b: int, h: int, n: int, t: int, m: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    tables = torch.randn(b, h, n, m, 256, generator=generator)
+    codes = torch.randint(0, 256, (b, h, t, m), generator=generator).to(torch.uint8)
+    scale = (torch.rand(b, h, t, generator=generator) + 0.5).half()
+    weights = torch.rand(b, h, n, t, generator=generator)
+    return tables, codes, scale, weights
+
+
+@pytest.mark.parametrize("b, h, n, t, m", [(1, 3, 3, 4096, 22), (2, 2, 1, 37, 12), (1, 1, 8, 5, 22), (1, 2, 48, 130, 8)])
+def test_lookups_match_the_reference(b, h, n, t, m):
+    tables, codes, scale, weights = lookups(b, h, n, t, m, seed=t)
+    torch.testing.assert_close(lut_scores_native(tables, codes, scale, 8), lut_scores_torch(tables, codes, scale, 8))
+    torch.testing.assert_close(lut_mix_native(weights, codes, scale, 8, m, 256), lut_mix_torch(weights, codes, scale, 8, m, 256))
+
+
+def test_lookups_read_strided_views_like_a_store():
+    tables, codes, scale, weights = lookups(2, 3, 3, 64, 22)
+
+    def held(tensor: torch.Tensor) -> torch.Tensor:
+        buffer = torch.zeros(tensor.shape[0], tensor.shape[1], 3 * tensor.shape[2], *tensor.shape[3:], dtype=tensor.dtype)
+        buffer[:, :, : tensor.shape[2]] = tensor
+        return buffer[:, :, : tensor.shape[2]]
+
+    strided, strided_scale = held(codes), held(scale)
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(lut_scores_native(tables, strided, strided_scale, 8), lut_scores_torch(tables, codes, scale, 8))
+    torch.testing.assert_close(lut_mix_native(weights, strided, strided_scale, 8, 22, 256),
+                               lut_mix_torch(weights, codes, scale, 8, 22, 256))
+
+
+def test_lookup_dispatch(monkeypatch):
+    tables, codes, scale, weights = lookups(1, 2, 3, 40, 6)
+    assert torch.equal(lut_scores(tables, codes, scale, 8), lut_scores_native(tables, codes, scale, 8))
+    assert torch.equal(lut_mix(weights, codes, scale, 8, 6, 256), lut_mix_native(weights, codes, scale, 8, 6, 256))
+    with pytest.raises(ValueError, match="8-bit codes"):
+        lut_mix_native(weights, codes[..., :5], scale, 8, 6, 256)
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
+    assert torch.equal(lut_scores(tables, codes, scale, 8), lut_scores_torch(tables, codes, scale, 8))
+    assert torch.equal(lut_mix(weights, codes, scale, 8, 6, 256), lut_mix_torch(weights, codes, scale, 8, 6, 256))
