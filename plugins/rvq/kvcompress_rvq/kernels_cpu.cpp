@@ -114,19 +114,13 @@ extern "C" void rvq_lut_scores_cpu(const LookupArgs *a) {
             for (int64_t q = 0; q < n; q++) {
                 const float *table = a->tables + (bh * n + q) * slots * size;
                 float *out = a->out + (bh * n + q) * t;
-                int64_t tok = 0;
-                for (; tok + 4 <= t; tok += 4) {  // four tokens' sums at once: independent chains of adds
+                for (int64_t tok = 0; tok < t; tok += 4) {  // four tokens' sums at once: independent chains of adds
+                    const int live = t - tok < 4 ? (int)(t - tok) : 4;
                     const uint8_t *row = codes + tok * slots;
                     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     for (int64_t m = 0; m < slots; m++)
-                        for (int k = 0; k < 4; k++) sum[k] += table[m * size + row[k * slots + m]];
-                    for (int k = 0; k < 4; k++) out[tok + k] = sum[k] * a->scale[bh * t + tok + k];
-                }
-                for (; tok < t; tok++) {
-                    const uint8_t *row = codes + tok * slots;
-                    float sum = 0.0f;
-                    for (int64_t m = 0; m < slots; m++) sum += table[m * size + row[m]];
-                    out[tok] = sum * a->scale[bh * t + tok];
+                        for (int k = 0; k < 4; k++) sum[k] += table[m * size + row[(k < live ? k : 0) * slots + m]];
+                    for (int k = 0; k < live; k++) out[tok + k] = sum[k] * a->scale[bh * t + tok + k];
                 }
             }
         }
