@@ -95,6 +95,15 @@ def unavailable(source: Path) -> str | None:
     return _reasons.get(Path(source))
 
 
+def token_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor [batch, heads, tokens, ...] whose (batch, head) blocks are contiguous, as a kernel indexing it by its
+    batch and head strides needs: a store's view (a slice of buffers with room for more tokens) already is, and
+    is returned as it is; anything else is copied."""
+    if tensor.shape[0] and tensor.shape[1] and not tensor[0, 0].is_contiguous():
+        return tensor.contiguous()
+    return tensor
+
+
 def pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
     """The address of a tensor's first element (NULL for None), for a ctypes argument."""
     return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())

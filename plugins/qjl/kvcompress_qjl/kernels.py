@@ -25,7 +25,7 @@ import torch
 
 from kvcompress_kernels.dispatch import HAS_TRITON, block_size, native_library, use_triton
 from kvcompress_kernels import native
-from kvcompress_kernels.native import pointer
+from kvcompress_kernels.native import pointer, token_rows
 from kvcompress_kernels.bitpack import pack_bits_torch
 from kvcompress_kernels.scratch import scratch
 
@@ -203,12 +203,6 @@ class _NativeScores(ctypes.Structure):
     ]
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """tensor [b, h, t, ...] with contiguous token rows (a store's view already has them: no copy)."""
-    inner = tensor[0, 0] if tensor.shape[0] and tensor.shape[1] else tensor
-    return tensor if inner.is_contiguous() else tensor.contiguous()
-
-
 def qjl_scores_native(
     query: torch.Tensor,
     codes: QJLCodes,
@@ -230,13 +224,13 @@ def qjl_scores_native(
     t = codes.signs.shape[2]
     q = query.float().contiguous()
     sketched = (q @ sketch.T).contiguous()
-    signs = _rows(codes.signs)
+    signs = token_rows(codes.signs)
     out = torch.empty(b, h, n, t, dtype=torch.float32, device=query.device)
     has_outliers = outlier_index is not None
     if has_outliers and t % group:
         raise ValueError(f"outlier groups need whole groups of {group} tokens, got {t} tokens")
-    outlier_signs = _rows(codes.outlier_signs) if has_outliers else None
-    index = _rows(outlier_index) if has_outliers else None
+    outlier_signs = token_rows(codes.outlier_signs) if has_outliers else None
+    index = token_rows(outlier_index) if has_outliers else None
     m_out = outlier_signs.shape[-1] * 8 if has_outliers else 0
     held = [q, sketched, sketch.T.contiguous(), codes.norm.float().contiguous(),
             codes.outlier_norm.float().contiguous() if has_outliers else None]

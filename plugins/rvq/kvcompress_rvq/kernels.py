@@ -224,8 +224,7 @@ def _lookup(entry: str, codes: torch.Tensor, scale: torch.Tensor, queries: int, 
         raise ValueError(f"the CPU lookups read 8-bit codes, one byte per code: got {tuple(codes.shape)} {codes.dtype} "
                          f"for {m} codes of a {size}-codeword book")
     b, h, t = codes.shape[:3]
-    if not (codes[0, 0].is_contiguous() if b * h else True):
-        codes = codes.contiguous()
+    codes = native.token_rows(codes)
     held = (scale.float().contiguous(), tables, weights)
     if b * h * t * queries:
         getattr(library, entry)(ctypes.byref(_NativeLookup(
