@@ -150,7 +150,10 @@ def test_tune_refuses_the_evaluation_text_before_loading_the_model(tmp_path, cap
     if not eval_text.DEFAULT_TEXT.is_file():
         pytest.skip(f"{eval_text.DEFAULT_TEXT} is not on this system")
     assert tune(tmp_path / "no-model", tmp_path, "2.5", "--text", str(eval_text.DEFAULT_TEXT)) == 1
-    assert "that is the text `kvcompress eval` measures on" in capsys.readouterr().err
+    assert "the text `kvcompress eval` measures on" in capsys.readouterr().err
+    # nor a directory that holds it
+    assert tune(tmp_path / "no-model", tmp_path, "2.5", "--text", str(eval_text.DEFAULT_TEXT.parent)) == 1
+    assert "that is (or holds)" in capsys.readouterr().err
 
 
 def test_several_budgets_need_a_budget_in_the_file_name(tmp_path, capsys):

@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the dtype the model runs in (default float32)")
     parser.add_argument(
-        "--text", metavar="FILE",
-        help="calibration text (UTF-8); default: Python's pydoc topics, apart from the evaluation text",
+        "--text", metavar="PATH",
+        help="calibration text (UTF-8), a file or a directory of files; default: Python's pydoc topics, apart from "
+        "the evaluation text",
     )
     parser.add_argument("--out", metavar="FILE", required=True, help="codebook file to write (safetensors)")
     parser.add_argument("--tokens", type=int, default=4096, help="key/value positions collected per layer")

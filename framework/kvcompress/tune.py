@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the spec file to write (YAML); with several budgets it must contain {budget}")
     parser.add_argument("--name", help="the tuned spec's name (default: tuned-BUDGET); with several budgets it must contain {budget}")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    parser.add_argument("--text", metavar="FILE", help="calibration text (default: Python's pydoc topics; never the evaluation text)")
+    parser.add_argument("--text", metavar="PATH", help="calibration text, a file or a directory of files (default: "
+                        "Python's pydoc topics; never the evaluation text)")
     parser.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
     parser.add_argument("--continuation", type=int, default=64, help="tokens scored per window (default 64)")
     parser.add_argument("--chunk", type=int, default=16, help="continuation tokens fed per forward (default 16)")
@@ -305,14 +306,14 @@ def run(args: argparse.Namespace) -> int:
 
     from kvcompress.calibrate import calibration_text
     from kvcompress.eval.perplexity import Protocol
-    from kvcompress.eval.text import DEFAULT_TEXT
+    from kvcompress.eval.text import DEFAULT_TEXT, text_files
 
     candidates = [load_spec(path) for path in args.candidates]
     layout, options = gather_options(candidates)
-    if args.text is not None and Path(args.text).resolve() == DEFAULT_TEXT.resolve():
+    if args.text is not None and DEFAULT_TEXT.resolve() in {file.resolve() for file in text_files(args.text)}:
         raise KVCompressError(
-            f"--text {args.text}: that is the text `kvcompress eval` measures on; tune on other text (default: "
-            "Python's pydoc topics) so the tuned spec is not fitted to its own evaluation"
+            f"--text {args.text}: that is (or holds) {DEFAULT_TEXT}, the text `kvcompress eval` measures on; tune on "
+            "other text (default: Python's pydoc topics) so the tuned spec is not fitted to its own evaluation"
         )
     text, source = calibration_text(args.text)
     protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
