@@ -16,7 +16,6 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int TB = 4;
-constexpr int MAX_QUERIES = 8;
 
 struct SignRows {
     v8 rows[256];
@@ -116,7 +115,7 @@ void scores(const Args &a) {
 
 }  // namespace
 
-// Returns 0, or -1 when the query count is outside 1..MAX_QUERIES (the caller keeps its torch path).
+// Returns 0, or -1 when the query count is outside 1..8 (kernels.NATIVE_QUERIES; the caller keeps its torch path).
 extern "C" int qjl_scores_cpu(const Args *a, int queries) {
     switch (queries) {
         case 1: scores<1>(*a); return 0;
@@ -130,5 +129,3 @@ extern "C" int qjl_scores_cpu(const Args *a, int queries) {
         default: return -1;
     }
 }
-
-extern "C" int qjl_max_queries() { return MAX_QUERIES; }
