@@ -65,3 +65,14 @@ def test_overrides_choose_the_path(tmp_path, monkeypatch):
     assert native_library(source, cpu) is None
     monkeypatch.delenv("KVCOMPRESS_KERNELS")
     assert native_library(source, torch.zeros(1, device="meta")) is None  # not a CPU tensor
+
+
+def test_required_raises_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    source = tmp_path / "required.cpp"
+    source.write_text("not C++ either\n")
+    with pytest.raises(RuntimeError, match="could not build required.cpp"):
+        native.required(source)
+    fine = tmp_path / "fine_required.cpp"
+    fine.write_text('extern "C" int three() { return 3; }\n')
+    assert native.required(fine).three() == 3

@@ -90,6 +90,15 @@ def library(source: Path) -> ctypes.CDLL | None:
     return _loaded[source]
 
 
+def required(source: Path) -> ctypes.CDLL:
+    """The compiled library of a C++ source, or a RuntimeError saying why it cannot be built (for a kernel called
+    directly; dispatchers ask `library` and fall back instead)."""
+    loaded = library(source)
+    if loaded is None:
+        raise RuntimeError(unavailable(source))
+    return loaded
+
+
 def unavailable(source: Path) -> str | None:
     """Why `library(source)` returned None (None if it loaded or was not asked for yet)."""
     return _reasons.get(Path(source))

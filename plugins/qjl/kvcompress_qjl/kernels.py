@@ -213,9 +213,7 @@ def qjl_scores_native(
 ) -> torch.Tensor:
     """The CPU kernel (kernels_cpu.cpp) for query [b, h, n, d] with n <= NATIVE_QUERIES: float32 [b, h, n, t] like
     qjl_scores_torch. Raises where the kernel cannot be built (kvcompress_kernels.native says why)."""
-    library = native.library(NATIVE_SOURCE)
-    if library is None:
-        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    library = native.required(NATIVE_SOURCE)
     b, h, n, d = query.shape
     if not 1 <= n <= NATIVE_QUERIES:
         raise ValueError(f"the CPU kernel scores 1..{NATIVE_QUERIES} queries per KV head, got {n}")

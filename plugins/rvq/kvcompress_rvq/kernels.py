@@ -83,9 +83,7 @@ def residual_encode_native(vectors: torch.Tensor, codebooks: torch.Tensor) -> to
     """The CPU encoder (kernels_cpu.cpp): codes int64 [N, depth] like residual_encode_torch (a code may
     differ where two codewords are within float rounding of each other), on torch's thread count. Raises where
     the kernel cannot be built (kvcompress_kernels.native says why)."""
-    library = native.library(NATIVE_SOURCE)
-    if library is None:
-        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    library = native.required(NATIVE_SOURCE)
     if vectors.dim() != 2 or codebooks.dim() != 3 or vectors.shape[1] != codebooks.shape[2]:
         raise ValueError(f"residual encoding needs vectors [N, g] and codebooks [depth, C, g], got "
                          f"{tuple(vectors.shape)} and {tuple(codebooks.shape)}")
@@ -217,9 +215,7 @@ def _lookup(entry: str, codes: torch.Tensor, scale: torch.Tensor, queries: int, 
             tables: torch.Tensor | None, weights: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """Run rvq_lut_scores_cpu / rvq_lut_mix_cpu on 8-bit codes [b, h, t, m] (read where they lie: a store's
     strided view is not copied) and return `out`."""
-    library = native.library(NATIVE_SOURCE)
-    if library is None:
-        raise RuntimeError(native.unavailable(NATIVE_SOURCE))
+    library = native.required(NATIVE_SOURCE)
     if codes.dtype != torch.uint8 or codes.shape[-1] != m or size > 256:
         raise ValueError(f"the CPU lookups read 8-bit codes, one byte per code: got {tuple(codes.shape)} {codes.dtype} "
                          f"for {m} codes of a {size}-codeword book")
