@@ -76,3 +76,46 @@ def test_required_raises_the_reason(tmp_path, monkeypatch):
     fine = tmp_path / "fine_required.cpp"
     fine.write_text('extern "C" int three() { return 3; }\n')
     assert native.required(fine).three() == 3
+
+
+OPENMP_SOURCE = """
+#include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+// the number of threads the parallel region ran on (1 where the library was built without OpenMP)
+extern "C" int64_t team(int64_t threads) {
+    int64_t ran = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : ran)
+    for (int64_t t = 0; t < threads; t++) ran += 1;
+    int64_t size = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#pragma omp single
+    size = omp_get_num_threads();
+#endif
+    return ran == threads ? size : -1;
+}
+"""
+
+
+def test_parallel_regions_run_on_torchs_openmp_threads(tmp_path, monkeypatch):
+    """Built with -fopenmp, a kernel's parallel region binds to the libgomp torch loaded (one runtime in the
+    process, so torch's idle workers run it instead of competing with threads of its own)."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    source = tmp_path / "team.cpp"
+    source.write_text(OPENMP_SOURCE)
+    assert native.library(source).team(2) == 2
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line or "libomp" in line}
+    assert len(runtimes) == 1
+
+
+def test_a_compiler_without_openmp_still_builds(tmp_path, monkeypatch):
+    wrapper = tmp_path / "no-openmp-c++"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec c++ "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    source = tmp_path / "team.cpp"
+    source.write_text(OPENMP_SOURCE)
+    assert native.library(source).team(2) == 1

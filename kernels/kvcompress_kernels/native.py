@@ -3,7 +3,10 @@
 A method's C++ source sits beside its torch reference (e.g. `kvcompress_qjl/kernels_cpu.cpp`, next to
 `kvcompress_qjl/kernels.py`). `library(source)` compiles it once with `$CXX -O3 -march=native` (CXX defaults to
 c++) into KVCOMPRESS_NATIVE_CACHE (default ~/.cache/kvcompress/native), under a name hashed from the source, the
-compiler command and the CPU, and returns the loaded library. Where no compiler works it returns None and
+compiler command and the CPU, and returns the loaded library. With `-fopenmp` (dropped where the compiler has no
+OpenMP): a kernel's `#pragma omp parallel` then runs on torch's own OpenMP threads (the library binds to the
+libgomp torch has loaded), not on threads of its own that torch's idle workers, still spinning after the last
+torch call, would crowd off the cores. Where no compiler works it returns None and
 `unavailable(source)` says why: dispatchers then keep the torch path, so a machine without a compiler runs
 everything, only slower. Plain C ABI (pointers and sizes), no Python or torch headers: a kernel compiles in about
 a second. ctypes releases the GIL for the call.
@@ -24,7 +27,8 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "KVCOMPRESS_NATIVE_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+OPENMP = ("-fopenmp",)
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}
@@ -52,9 +56,17 @@ def _cpu_flags() -> str:
 
 
 def _compile(source: Path, compiler: list[str]) -> Path:
-    """The path of the library built from `source` (compiled now unless cached); raises on a compiler error."""
+    """The path of the library built from `source` (compiled now unless cached), with OpenMP where the compiler
+    has it; raises on a compiler error."""
+    try:
+        return _build(source, compiler, FLAGS + OPENMP)
+    except RuntimeError:
+        return _build(source, compiler, FLAGS)
+
+
+def _build(source: Path, compiler: list[str], flags: tuple[str, ...]) -> Path:
     text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, " ".join(compiler + list(FLAGS)).encode(), platform.machine().encode(),
+    key = hashlib.sha256(b"\0".join([text, " ".join(compiler + list(flags)).encode(), platform.machine().encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
@@ -64,7 +76,7 @@ def _compile(source: Path, compiler: list[str]) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*compiler, *FLAGS, str(source), "-o", partial], capture_output=True, text=True)
+        done = subprocess.run([*compiler, *flags, str(source), "-o", partial], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr.strip()[-2000:] or f"exit status {done.returncode}")
         os.replace(partial, target)
