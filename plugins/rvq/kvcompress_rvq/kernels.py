@@ -76,13 +76,20 @@ class _NativeEncode(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int64) for name in ("rows", "width", "depth", "size", "padded")] + [
         (name, ctypes.c_void_p) for name in ("vectors", "transposed", "norms", "codebooks", "codes")
-    ] + [("threads", ctypes.c_int64)]
+    ] + [("threads", ctypes.c_int64), ("tiles", ctypes.c_int64)]
 
 
-def residual_encode_native(vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def native_tiles() -> bool:
+    """Whether the CPU encoder runs its dot products on AMX tiles here (built for them, granted by the OS)."""
+    library = native.library(NATIVE_SOURCE)
+    return library is not None and bool(library.rvq_encode_tiles_cpu())
+
+
+def residual_encode_native(vectors: torch.Tensor, codebooks: torch.Tensor, tiles: bool = True) -> torch.Tensor:
     """The CPU encoder (kernels_cpu.cpp): codes int64 [N, depth] like residual_encode_torch (a code may
-    differ where two codewords are within float rounding of each other), on torch's thread count. Raises where
-    the kernel cannot be built (kvcompress_kernels.native says why)."""
+    differ where two codewords are within rounding of each other), on torch's thread count; `tiles`: AMX bf16
+    tile products (about 16 bits per product) where native_tiles() and the group width is a multiple of 32, else
+    float32 registers. Raises where the kernel cannot be built (kvcompress_kernels.native says why)."""
     library = native.required(NATIVE_SOURCE)
     if vectors.dim() != 2 or codebooks.dim() != 3 or vectors.shape[1] != codebooks.shape[2]:
         raise ValueError(f"residual encoding needs vectors [N, g] and codebooks [depth, C, g], got "
@@ -99,7 +106,7 @@ def residual_encode_native(vectors: torch.Tensor, codebooks: torch.Tensor) -> to
     held = (x, transposed, norms, codewords, codes)
     if x.shape[0] and depth:
         library.rvq_encode_cpu(ctypes.byref(_NativeEncode(
-            x.shape[0], width, depth, size, padded, *(t.data_ptr() for t in held), torch.get_num_threads())))
+            x.shape[0], width, depth, size, padded, *(t.data_ptr() for t in held), torch.get_num_threads(), int(tiles))))
     return codes
 
 
