@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 
 from kvcompress import (
     EvictionSpec, EvictorMethod, MethodSpec, PluginError, QuantizerMethod, Registry, UnknownMethodError, hookimpl, hookspecs,
@@ -258,3 +259,15 @@ def test_a_plugin_returning_one_name_twice_is_refused():
 
     with pytest.raises(PluginError, match="plugin 'twice'.*returns 'echo' twice from kvcompress_quantizers"):
         Registry(entry_points=False).register(Twice(), "twice")
+
+
+def test_the_finite_check_screens_with_a_sum_and_confirms_elementwise():
+    """A sum that overflows (finite values near float32's maximum) is not mistaken for NaN or Inf."""
+    from kvcompress.pipeline import _check_finite
+
+    _check_finite(torch.full((1, 2, 8, 4), 3e38), "keys")
+    for bad in (float("nan"), float("inf")):
+        x = torch.full((1, 2, 8, 4), 3e38)
+        x[0, 1, 7, 3] = bad
+        with pytest.raises(ValueError, match="keys: 1 non-finite values"):
+            _check_finite(x, "keys")

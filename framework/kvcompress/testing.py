@@ -243,10 +243,11 @@ class QuantizerConformance:
 
     def test_rejects_non_finite(self) -> None:
         codec = self.codec()
-        x = self.sample(self.tokens(codec))
-        x[0, 0, 0, 0] = float("nan")
-        with pytest.raises(ValueError, match="non-finite"):
-            codec.encode(x)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            x = self.sample(self.tokens(codec))
+            x[0, 0, -1, -1] = bad
+            with pytest.raises(ValueError, match="non-finite"):
+                codec.encode(x)
 
     def test_decode_estimator_reads_the_state(self) -> None:
         codec = self.codec()
