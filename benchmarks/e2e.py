@@ -6,7 +6,10 @@ timed whole; decode is the median milliseconds per token over the steps after th
 baseline is a transformers DynamicCache with the model's own attention; each spec runs with the model
 patched by kvcompress (kvcompress.patch, the scoped form of kvcompress.cache_for) and restored after.
 Configurations are interleaved in rounds (baseline, then every spec, --repeats times) so that the
-machine's load hits all alike, and each is reported as a ratio to the baseline of the same length.
+machine's load hits all alike, and each is reported as a ratio to the baseline of the same length. Before the
+rounds, untimed: one baseline prefill of the longest prompt (a process's first large forward pays for memory it
+maps once: up to 1.3x the next ones) and a short (256-token) prefill and decode step with every spec (its first use loads
+codebooks and kernels).
 
 --long-decode K also generates K tokens and more for the chosen lengths and specs (and the baseline),
 reporting ms/token over a window of steps near the first generated token and one around the K-th: they
@@ -115,6 +118,10 @@ def benchmark(
         raise KVCompressError(f"--decode {decode} must exceed the {warmup} warm-up steps")
     if long_decode is not None and long_decode < warmup + 2 * long_window:
         raise KVCompressError(f"--long-decode {long_decode} must be at least {warmup + 2 * long_window} tokens")
+    log("warm-up (untimed)")
+    for runner in runners:
+        with runner.session(model) as new_cache:
+            run_once(model, new_cache, prompt[:, : max(lengths) if runner.spec is None else min(256, *lengths)], 1)
     rows = []
     for length in lengths:
         samples: dict[str, list[dict[str, Any]]] = {runner.name: [] for runner in runners}
