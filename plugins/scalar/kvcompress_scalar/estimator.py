@@ -18,24 +18,37 @@ already in the levels' values) where whole codes fill bytes, through a 4096-row 
 straddle bytes but fill 3 bytes (3 and 6 bits); otherwise through unpack_bits. Every read works
 on token blocks of at most READ_BLOCK tokens, so its transient memory is bounded by the block, and computes in
 float32 whatever the query dtype, returning that dtype.
+
+On the CPU, token-axis codes (min/max with axis token, Lloyd-Max) of 2, 4 or 8 bits are read for decode-sized
+query blocks (at most NATIVE_QUERIES per KV head) by C++ kernels (kernels_cpu.cpp, compiled on first use by
+kvcompress_kernels.native), which widen each row's bytes in registers instead of through a float tensor; the torch
+reads above are their references.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kvcompress.runtime import Estimator, Quantizer
 from kvcompress.state import PackedState
+from kvcompress_kernels import native
 from kvcompress_kernels.bitpack import unpack_bits
+from kvcompress_kernels.dispatch import native_library
+from kvcompress_kernels.native import pointer, token_rows
 from kvcompress_kernels.scratch import scratch
 from kvcompress_scalar.quantizers import FP8Quantizer, LloydMaxQuantizer, MinMaxQuantizer
 
 # Tokens read at once: bounds the float codes held during a read (b x h x READ_BLOCK x head_dim floats).
 READ_BLOCK = 4096
+NATIVE_SOURCE = Path(__file__).with_name("kernels_cpu.cpp")
+# Queries per KV head the C++ reads take (decode steps, grouped-query heads); larger blocks keep torch's matmuls.
+NATIVE_QUERIES = 8
 
 
 def fp8_halves(codes: torch.Tensor) -> torch.Tensor:
@@ -156,6 +169,60 @@ def _grouped_mix(weights, codes, scale):
     return _merge(scaled @ codes)
 
 
+class _NativeRead(ctypes.Structure):
+    """The Args struct of kernels_cpu.cpp (same fields, same order)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "heads", "tokens", "queries", "dim", "group", "bits")] + [
+        ("codes", ctypes.c_void_p), ("codes_b", ctypes.c_int64), ("codes_h", ctypes.c_int64)
+    ] + [(name, ctypes.c_void_p) for name in ("scale", "minimum", "levels", "input", "out")]
+
+
+def native_token_reads(bits: int, group: int, dim: int, queries: int, *tensors: torch.Tensor) -> bool:
+    """Whether the C++ reads take token-axis codes of this shape: 2, 4 or 8 bits filling whole 16-byte chunks,
+    groups of whole bytes, at most 16 groups and NATIVE_QUERIES queries, CPU tensors and the kernels at hand."""
+    return (
+        bits in (2, 4, 8) and dim * bits % 128 == 0 and group % (8 // bits) == 0 and dim // group <= 16
+        and 1 <= queries <= NATIVE_QUERIES and native_library(NATIVE_SOURCE, *tensors) is not None
+    )
+
+
+def _native_read(entry: str, inputs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 minimum: torch.Tensor | None, levels: torch.Tensor | None, bits: int, group: int, dim: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    library = native.required(NATIVE_SOURCE)
+    b, h, t = codes.shape[:3]
+    if codes.dtype != torch.uint8 or codes.shape[-1] != dim * bits // 8 or dim % group:
+        raise ValueError(f"the CPU reads take uint8 rows of {dim} {bits}-bit codes in groups of {group}, got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
+    codes = token_rows(codes)
+    held = [scale.float().contiguous(), None if minimum is None else minimum.float().contiguous(),
+            None if levels is None else levels.float().contiguous(), inputs.float().contiguous()]
+    if b * h * t:
+        getattr(library, entry)(ctypes.byref(_NativeRead(
+            b, h, t, inputs.shape[2], dim, group, bits, pointer(codes), codes.stride(0), codes.stride(1),
+            *(pointer(x) for x in held), pointer(out))))
+    return out
+
+
+def token_scores_native(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
+                        levels: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """float32 scores [b, h, n, t] of queries [b, h, n, d] against token-axis codes [b, h, t, d * bits / 8]: channel
+    group g of token t is scale[..., t, g] * value + minimum[..., t, g] (value: levels[code], or the code without
+    levels). The C++ kernel; raises where it cannot be built."""
+    b, h, n, d = query.shape
+    out = torch.empty(b, h, n, codes.shape[2], dtype=torch.float32)
+    return _native_read("scalar_token_scores_cpu", query, codes, scale, minimum, levels, bits, group, d, out)
+
+
+def token_mix_native(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
+                     levels: torch.Tensor | None, bits: int, group: int, dim: int) -> torch.Tensor:
+    """float32 [b, h, n, dim]: weights [b, h, n, t] times the values of token-axis codes (as token_scores_native
+    reads them). The C++ kernel; raises where it cannot be built."""
+    b, h, n, _ = weights.shape
+    out = torch.empty(b, h, n, dim, dtype=torch.float32)
+    return _native_read("scalar_token_mix_cpu", weights, codes, scale, minimum, levels, bits, group, dim, out)
+
+
 class ScalarEstimator(Estimator):
     """Reads the state of the scalar plugin's quantizers (see the module docstring)."""
 
@@ -172,6 +239,10 @@ class ScalarEstimator(Estimator):
         self.quantizer = quantizer
         block = quantizer.token_block
         self.block = max(block, READ_BLOCK - READ_BLOCK % block)
+
+    def _native(self, inputs: torch.Tensor, codes: torch.Tensor, dim: int) -> bool:
+        """Whether the C++ reads take this block (token-axis codes; see native_token_reads)."""
+        return native_token_reads(self.quantizer.bits, self.quantizer.group, dim, inputs.shape[2], inputs, codes)
 
     def _blocks(self, tokens: int):
         for start in range(0, tokens, self.block):
@@ -202,11 +273,18 @@ class ScalarEstimator(Estimator):
         if isinstance(quantizer, LloydMaxQuantizer):
             part = _rows(state, start, stop)
             groups = d // quantizer.group
+            scale = part["norm"].float() / math.sqrt(quantizer.group)
+            if self._native(q, part["codes"], d):
+                return token_scores_native(q, part["codes"], scale, None, self.reader.values, quantizer.bits,
+                                           quantizer.group)
             codes = self.reader.read(part["codes"], d, groups)
-            return _grouped_scores(q, codes, part["norm"].float() / math.sqrt(quantizer.group))
+            return _grouped_scores(q, codes, scale)
         if quantizer.axis == "token":
             part = _rows(state, start, stop)
             groups = d // quantizer.group
+            if self._native(q, part["codes"], d):
+                return token_scores_native(q, part["codes"], part["scale"], part["minimum"], None, quantizer.bits,
+                                           quantizer.group)
             codes = self.reader.read(part["codes"], d, groups)
             offset = _split(q, groups).sum(-1).transpose(-1, -2) @ part["minimum"].float().transpose(-1, -2)
             return _grouped_scores(q, codes, part["scale"].float()) + offset
@@ -227,10 +305,17 @@ class ScalarEstimator(Estimator):
             return (w * (256.0 * _fp8_scale(part))) @ fp8_halves(part["codes"])
         if isinstance(quantizer, LloydMaxQuantizer):
             part = _rows(state, start, stop)
+            scale = part["norm"].float() / math.sqrt(quantizer.group)
+            if self._native(w, part["codes"], d):
+                return token_mix_native(w, part["codes"], scale, None, self.reader.values, quantizer.bits,
+                                        quantizer.group, d)
             codes = self.reader.read(part["codes"], d, d // quantizer.group)
-            return _grouped_mix(w, codes, part["norm"].float() / math.sqrt(quantizer.group))
+            return _grouped_mix(w, codes, scale)
         if quantizer.axis == "token":
             part = _rows(state, start, stop)
+            if self._native(w, part["codes"], d):
+                return token_mix_native(w, part["codes"], part["scale"], part["minimum"], None, quantizer.bits,
+                                        quantizer.group, d)
             codes = self.reader.read(part["codes"], d, d // quantizer.group)
             offset = (w @ part["minimum"].float()).repeat_interleave(quantizer.group, dim=-1)
             return _grouped_mix(w, codes, part["scale"].float()) + offset
