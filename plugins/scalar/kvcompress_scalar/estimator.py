@@ -21,8 +21,8 @@ float32 whatever the query dtype, returning that dtype.
 
 On the CPU, token-axis codes (min/max with axis token, Lloyd-Max) of 2, 4 or 8 bits are read for decode-sized
 query blocks (at most NATIVE_QUERIES per KV head) by C++ kernels (kernels_cpu.cpp, compiled on first use by
-kvcompress_kernels.native), which widen each row's bytes in registers instead of through a float tensor; the torch
-reads above are their references.
+kvcompress_kernels.native), which widen each row's bytes in registers instead of through a float tensor, and so
+are the scores of channel-axis min/max codes (KIVI's keys); the torch reads above are their references.
 """
 
 from __future__ import annotations
@@ -186,14 +186,20 @@ def native_token_reads(bits: int, group: int, dim: int, queries: int, *tensors: 
     )
 
 
+def _check_token_groups(dim: int, group: int) -> None:
+    if dim % group or dim // group > 16:
+        raise ValueError(f"the CPU reads take up to 16 channel groups dividing the head_dim, got {dim} channels in "
+                         f"groups of {group}")
+
+
 def _native_read(entry: str, inputs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  minimum: torch.Tensor | None, levels: torch.Tensor | None, bits: int, group: int, dim: int,
                  out: torch.Tensor) -> torch.Tensor:
     library = native.required(NATIVE_SOURCE)
     b, h, t = codes.shape[:3]
-    if codes.dtype != torch.uint8 or codes.shape[-1] != dim * bits // 8 or dim % group:
-        raise ValueError(f"the CPU reads take uint8 rows of {dim} {bits}-bit codes in groups of {group}, got "
-                         f"{tuple(codes.shape)} {codes.dtype}")
+    if codes.dtype != torch.uint8 or codes.shape[-1] != dim * bits // 8:
+        raise ValueError(f"the CPU reads take uint8 rows of {dim} {bits}-bit codes, got {tuple(codes.shape)} "
+                         f"{codes.dtype}")
     codes = token_rows(codes)
     held = [scale.float().contiguous(), None if minimum is None else minimum.float().contiguous(),
             None if levels is None else levels.float().contiguous(), inputs.float().contiguous()]
@@ -204,12 +210,36 @@ def _native_read(entry: str, inputs: torch.Tensor, codes: torch.Tensor, scale: t
     return out
 
 
+def native_channel_reads(bits: int, group: int, dim: int, queries: int, *tensors: torch.Tensor) -> bool:
+    """Whether the C++ scores take channel-axis codes of this shape: 2, 4 or 8 bits filling whole 16-byte chunks,
+    token groups of a multiple of 16 tokens dividing 1024, at most NATIVE_QUERIES queries, CPU tensors and the
+    kernels at hand."""
+    return (
+        bits in (2, 4, 8) and dim * bits % 128 == 0 and group % 16 == 0 and 1024 % group == 0
+        and 1 <= queries <= NATIVE_QUERIES and native_library(NATIVE_SOURCE, *tensors) is not None
+    )
+
+
+def channel_scores_native(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                          bits: int, group: int) -> torch.Tensor:
+    """float32 scores [b, h, n, t] of queries [b, h, n, d] against channel-axis min/max codes [b, h, t, d * bits / 8]
+    whose scale and minimum [b, h, t / group, d] hold per channel and group of `group` tokens. The C++ kernel; raises
+    where it cannot be built."""
+    b, h, n, d = query.shape
+    if codes.shape[2] % group or tuple(scale.shape) != (b, h, codes.shape[2] // group, d):
+        raise ValueError(f"channel-axis codes need whole groups of {group} tokens and a scale per group and channel, "
+                         f"got {codes.shape[2]} tokens and scale {tuple(scale.shape)}")
+    out = torch.empty(b, h, n, codes.shape[2], dtype=torch.float32)
+    return _native_read("scalar_channel_scores_cpu", query, codes, scale, minimum, None, bits, group, d, out)
+
+
 def token_scores_native(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
                         levels: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """float32 scores [b, h, n, t] of queries [b, h, n, d] against token-axis codes [b, h, t, d * bits / 8]: channel
     group g of token t is scale[..., t, g] * value + minimum[..., t, g] (value: levels[code], or the code without
     levels). The C++ kernel; raises where it cannot be built."""
     b, h, n, d = query.shape
+    _check_token_groups(d, group)
     out = torch.empty(b, h, n, codes.shape[2], dtype=torch.float32)
     return _native_read("scalar_token_scores_cpu", query, codes, scale, minimum, levels, bits, group, d, out)
 
@@ -219,6 +249,7 @@ def token_mix_native(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Te
     """float32 [b, h, n, dim]: weights [b, h, n, t] times the values of token-axis codes (as token_scores_native
     reads them). The C++ kernel; raises where it cannot be built."""
     b, h, n, _ = weights.shape
+    _check_token_groups(dim, group)
     out = torch.empty(b, h, n, dim, dtype=torch.float32)
     return _native_read("scalar_token_mix_cpu", weights, codes, scale, minimum, levels, bits, group, dim, out)
 
@@ -291,6 +322,8 @@ class ScalarEstimator(Estimator):
         # axis channel: one scale and minimum per channel and group of `group` tokens
         group = quantizer.group
         part = _rows(state, start, stop)
+        if native_channel_reads(quantizer.bits, group, d, q.shape[2], q, part["codes"]):
+            return channel_scores_native(q, part["codes"], part["scale"], part["minimum"], quantizer.bits, group)
         b, h, n, _ = q.shape
         codes = self.reader.read(part["codes"], d).reshape(b, h, -1, group, d)  # [b, h, G, group, d]
         scaled = q.unsqueeze(2) * part["scale"].float().unsqueeze(3)  # [b, h, G, n, d]

@@ -1,5 +1,6 @@
-// Token-axis scalar codes read on the CPU for decode-sized query blocks (loaded by kvcompress_kernels.native): the
-// C++ twins of kvcompress_scalar.estimator's torch reads for min/max codes with axis token and for Lloyd-Max codes.
+// Scalar codes read on the CPU for decode-sized query blocks (loaded by kvcompress_kernels.native): the C++ twins of
+// kvcompress_scalar.estimator's torch reads for min/max codes with axis token and for Lloyd-Max codes (scores and
+// mix), and the scores of min/max codes with axis channel (KIVI's keys; see scalar_channel_scores_cpu).
 // A token's row holds `dim` codes of `bits` bits (2, 4 or 8, LSB first); channel group g of token t stands for
 //   scale[t, g] * value(code) + minimum[t, g]        value(code) = levels[code] (Lloyd-Max) or the code itself
 // (Lloyd-Max passes norm / sqrt(group) as the scale and no minimum).
@@ -28,8 +29,8 @@ struct Args {
     int64_t batch, heads, tokens, queries, dim, group, bits;
     const uint8_t *codes;  // (b, h, t) row of dim * bits / 8 bytes at b * codes_b + h * codes_h + t * row bytes
     int64_t codes_b, codes_h;
-    const float *scale;    // [b, h, t, dim / group]
-    const float *minimum;  // [b, h, t, dim / group], or null
+    const float *scale;    // token axis: [b, h, t, dim / group]; channel axis: [b, h, t / group, dim]
+    const float *minimum;  // the same shape, or null
     const float *levels;   // [2^bits] (bits <= 4), or null: the codes are the values
     const float *input;    // scores: query [b, h, n, dim]; mix: weights [b, h, n, t]
     float *out;            // scores: [b, h, n, t]; mix: [b, h, n, dim]
@@ -55,7 +56,8 @@ inline i16 widen_bytes(const uint8_t *p) {
 #endif
 }
 
-// Where the lanes of a row's widened vectors come from: channel of (chunk, vector, lane), and each lane's group.
+// Where the lanes of a row's widened vectors come from: channel of (chunk, vector, lane), and each lane's channel
+// group (token-axis codes).
 struct Layout {
     int64_t per_byte, chunks, vectors;  // codes per byte; 16-byte chunks per row; vectors per chunk (= per_byte)
     std::vector<i16> group_of;          // [chunks]: the channel group of each lane (the same for every vector)
@@ -85,12 +87,13 @@ inline v16 load_groups(const float *p, int64_t groups) {
 }
 
 // One token's values times its scale per lane, [chunks * vectors] vectors in the layout's order.
+// (scale null: the values alone, for channel-axis codes whose scale goes into the query).
 inline void widen(const Args &a, const Layout &layout, const uint8_t *row, const float *scale, v16 levels, v16 *out) {
-    const v16 scales = load_groups(scale, a.dim / a.group);
+    const v16 scales = scale ? load_groups(scale, a.dim / a.group) : v16{} + 1.0f;
     const int32_t mask = (1 << a.bits) - 1;
     for (int64_t c = 0; c < layout.chunks; c++) {
         const i16 wide = widen_bytes(row + 16 * c);
-        const v16 lane_scale = __builtin_shuffle(scales, layout.group_of[c]);
+        const v16 lane_scale = scale ? __builtin_shuffle(scales, layout.group_of[c]) : scales;
         for (int64_t i = 0; i < layout.vectors; i++) {
             const i16 code = (wide >> (int32_t)(a.bits * i)) & mask;
             const v16 value = a.levels ? __builtin_shuffle(levels, code) : __builtin_convertvector(code, v16);
@@ -127,6 +130,24 @@ inline v16 lane_sums(v16 *acc) {
     return acc[0];
 }
 
+// Lane j: <query, token j's values> for the first `live` tokens of a block (0 beyond), [width] vectors each.
+inline v16 block_dots(const v16 *query, const v16 *values, int live, int64_t width, v16 *acc) {
+    for (int k = 0; k < TOKENS; k++) {
+        v16 sum{};
+        if (k < live)
+            for (int64_t v = 0; v < width; v++) sum += query[v] * values[k * width + v];
+        acc[k] = sum;
+    }
+    return lane_sums(acc);
+}
+
+// A row of `dim` floats in the layout's lane order, [chunks * vectors] vectors.
+inline void permute(const Layout &layout, const float *row, v16 *out) {
+    for (int64_t c = 0; c < layout.chunks; c++)
+        for (int64_t i = 0; i < layout.vectors; i++)
+            for (int j = 0; j < 16; j++) out[c * layout.vectors + i][j] = row[layout.channel(c, i, j)];
+}
+
 v16 level_vector(const Args &a) {
     v16 levels{};
     if (a.levels)
@@ -151,9 +172,7 @@ extern "C" void scalar_token_scores_cpu(const Args *a) {
         std::vector<float> group_sums(n * groups, 0.0f);
         for (int64_t q = 0; q < n; q++) {
             const float *row = a->input + (bh * n + q) * dim;
-            for (int64_t c = 0; c < layout.chunks; c++)
-                for (int64_t i = 0; i < layout.vectors; i++)
-                    for (int j = 0; j < 16; j++) query[q * width + c * layout.vectors + i][j] = row[layout.channel(c, i, j)];
+            permute(layout, row, &query[q * width]);
             for (int64_t ch = 0; ch < dim; ch++) group_sums[q * groups + ch / a->group] += row[ch];
         }
         for (int64_t start = begin; start < end; start += TOKENS) {
@@ -162,13 +181,7 @@ extern "C" void scalar_token_scores_cpu(const Args *a) {
                 widen(*a, layout, codes + (start + k) * rows, a->scale + (bh * t + start + k) * groups, levels,
                       &values[k * width]);
             for (int64_t q = 0; q < n; q++) {
-                for (int k = 0; k < TOKENS; k++) {
-                    v16 sum{};
-                    if (k < live)
-                        for (int64_t v = 0; v < width; v++) sum += query[q * width + v] * values[k * width + v];
-                    acc[k] = sum;
-                }
-                const v16 sums = lane_sums(acc.data());
+                const v16 sums = block_dots(&query[q * width], values.data(), live, width, acc.data());
                 float *out = a->out + (bh * n + q) * t + start;
                 for (int k = 0; k < live; k++) {
                     float offset = 0.0f;
@@ -177,6 +190,45 @@ extern "C" void scalar_token_scores_cpu(const Args *a) {
                             offset += a->minimum[(bh * t + start + k) * groups + g] * group_sums[q * groups + g];
                     out[k] = sums[k] + offset;
                 }
+            }
+        }
+    }
+}
+
+// Channel-axis min/max codes (KIVI's keys): scale and minimum per channel and group of `group` tokens (a multiple
+// of 16 dividing SPLIT, so a block of 16 tokens lies in one group), folded into the query once per group:
+//   out[q, t] = sum_c (query[q, c] scale[G(t), c]) code[t, c] + sum_c query[q, c] minimum[G(t), c]
+extern "C" void scalar_channel_scores_cpu(const Args *a) {
+    const Layout layout(*a);
+    const int64_t n = a->queries, t = a->tokens, dim = a->dim, group = a->group;
+    const int64_t splits = (t + SPLIT - 1) / SPLIT, rows = dim * a->bits / 8, width = layout.chunks * layout.vectors;
+#pragma omp parallel for schedule(static)
+    for (int64_t item = 0; item < a->batch * a->heads * splits; item++) {
+        const int64_t bh = item / splits, b = bh / a->heads, h = bh % a->heads;
+        const int64_t begin = item % splits * SPLIT, end = begin + SPLIT < t ? begin + SPLIT : t;
+        const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+        std::vector<v16> scaled(n * width), scale(width), values(TOKENS * width), acc(TOKENS);
+        std::vector<float> offset(n);
+        for (int64_t start = begin; start < end; start += TOKENS) {
+            const int live = end - start < TOKENS ? (int)(end - start) : TOKENS;
+            if (start % group == 0) {  // a new token group: its scale into the queries, its minimum into offsets
+                const int64_t row = (bh * (t / group) + start / group) * dim;
+                permute(layout, a->scale + row, scale.data());
+                for (int64_t q = 0; q < n; q++) {
+                    const float *query = a->input + (bh * n + q) * dim;
+                    permute(layout, query, &scaled[q * width]);
+                    for (int64_t v = 0; v < width; v++) scaled[q * width + v] *= scale[v];
+                    float sum = 0.0f;
+                    for (int64_t ch = 0; ch < dim; ch++) sum += query[ch] * a->minimum[row + ch];
+                    offset[q] = sum;
+                }
+            }
+            for (int k = 0; k < live; k++)
+                widen(*a, layout, codes + (start + k) * rows, nullptr, v16{}, &values[k * width]);
+            for (int64_t q = 0; q < n; q++) {
+                const v16 sums = block_dots(&scaled[q * width], values.data(), live, width, acc.data());
+                float *out = a->out + (bh * n + q) * t + start;
+                for (int k = 0; k < live; k++) out[k] = sums[k] + offset[q];
             }
         }
     }

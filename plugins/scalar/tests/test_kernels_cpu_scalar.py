@@ -1,7 +1,8 @@
-"""The scalar plugin's C++ reads (kernels_cpu.cpp) of token-axis codes against the dense reference: scores and
-value mixes for 2, 4 and 8-bit codes, with and without levels (Lloyd-Max) and minima (min/max), group sizes,
-head_dim 64/128/256, 1-8 queries, token counts that do and do not fill the kernels' blocks, batches, a store's
-strided views and one or two threads; and the estimator taking them exactly where they apply."""
+"""The scalar plugin's C++ reads (kernels_cpu.cpp) against the dense reference: scores and value mixes of token-axis
+codes (2, 4 and 8 bits, with and without levels (Lloyd-Max) and minima (min/max), group sizes) and scores of
+channel-axis codes (KIVI's keys), at head_dim 64/128/256, 1-8 queries, token counts that do and do not fill the
+kernels' blocks, batches, a store's strided views and one or two threads; and the estimator taking them exactly
+where they apply."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from kvcompress_kernels.bitpack import pack_bits
 from kvcompress_scalar.estimator import (
     NATIVE_QUERIES,
     NATIVE_SOURCE,
+    channel_scores_native,
+    native_channel_reads,
     native_token_reads,
     token_mix_native,
     token_scores_native,
@@ -59,6 +62,21 @@ def test_reads_match_the_dense_values(bits, group, d, levels, minimum, t, n):
     torch.testing.assert_close(mix, weights @ dense, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("bits, group, d", [(2, 32, 64), (4, 32, 64), (8, 16, 64), (2, 128, 128), (4, 64, 256)])
+@pytest.mark.parametrize("groups", [1, 3, 40])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_channel_scores_match_the_dense_keys(bits, group, d, groups, n):
+    generator = torch.Generator().manual_seed(groups + n)
+    t = groups * group
+    codes = torch.randint(0, 2**bits, (2, 3, t, d), generator=generator)
+    scale = torch.rand(2, 3, groups, d, generator=generator) + 0.5
+    low = torch.randn(2, 3, groups, d, generator=generator)
+    dense = codes.float() * scale.repeat_interleave(group, 2) + low.repeat_interleave(group, 2)
+    query = torch.randn(2, 3, n, d, generator=generator)
+    scores = channel_scores_native(query, pack_bits(codes, bits), scale, low, bits, group)
+    torch.testing.assert_close(scores, query @ dense.transpose(-1, -2), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_strided_store_views_and_threads(threads):
     """The codes as a store holds them (a view of buffers with room for more tokens), on one or two threads."""
@@ -86,6 +104,11 @@ def test_shapes_the_kernels_take():
     assert not native_token_reads(2, 32, 96, 3, cpu)  # a row is not whole 16-byte chunks
     assert not native_token_reads(4, 8, 256, 3, cpu)  # 32 groups
     assert not native_token_reads(2, 32, 64, NATIVE_QUERIES + 1, cpu)  # a prefill block: torch's matmuls
+    assert native_channel_reads(2, 32, 64, 3, cpu) and native_channel_reads(4, 128, 128, 1, cpu)
+    assert not native_channel_reads(2, 24, 64, 3, cpu)  # a group of 16 tokens would straddle two token groups
+    with pytest.raises(ValueError, match="whole groups of 32 tokens"):
+        channel_scores_native(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 40, 16, dtype=torch.uint8),
+                              torch.ones(1, 1, 1, 64), torch.zeros(1, 1, 1, 64), 2, 32)
     with pytest.raises(ValueError, match="uint8 rows of 64 2-bit codes"):
         token_scores_native(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 4, 8, dtype=torch.uint8),
                             torch.ones(1, 1, 4, 2), None, None, 2, 32)
@@ -93,14 +116,16 @@ def test_shapes_the_kernels_take():
 
 @pytest.mark.parametrize("quantizer", [
     {"method": "scalar", "bits": 2, "axis": "token", "group": 32},
+    {"method": "scalar", "bits": 2, "axis": "channel", "group": 32},
+    {"method": "scalar", "bits": 4, "axis": "channel", "group": 32},
     {"method": "scalar", "bits": 4, "axis": "token", "group": 64, "grid": "lloyd-max"},
     {"method": "scalar", "bits": 3, "axis": "token", "group": 64, "grid": "lloyd-max"},
 ])
 @pytest.mark.parametrize("n", [3, NATIVE_QUERIES + 4])
 def test_the_estimator_reads_alike_with_and_without_the_kernels(quantizer, n, monkeypatch):
     codec = make_codec(quantizer, estimator={"method": "scalar"}, kv_heads=3)
-    state_ = codec.encode(torch.randn(1, 3, 700, 64))
-    query, weights = torch.randn(1, 3, n, 64), torch.softmax(torch.randn(1, 3, n, 700), -1)
+    state_ = codec.encode(torch.randn(1, 3, 704, 64))
+    query, weights = torch.randn(1, 3, n, 64), torch.softmax(torch.randn(1, 3, n, 704), -1)
     native_scores, native_mix = codec.scores(query, state_), codec.mix(weights, state_)
     monkeypatch.setenv("KVCOMPRESS_KERNELS", "torch")
     torch.testing.assert_close(native_scores, codec.scores(query, state_), rtol=1e-4, atol=1e-4)
