@@ -36,16 +36,11 @@ struct Args {
     float *out;            // scores: [b, h, n, t]; mix: [b, h, n, dim]
 };
 
-inline v16 load(const float *p) {
-    v16 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
 // 16 bytes zero-extended to 16 int32 lanes (g++ 12 builds __builtin_convertvector of bytes lane by lane)
 inline i16 widen_bytes(const uint8_t *p) {
 #ifdef __AVX512F__
-    const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+    // the zero-masking form: the plain one trips g++ 12's maybe-uninitialized warning inside the intrinsic
+    const __m512i wide = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
     i16 out;
     std::memcpy(&out, &wide, 64);
     return out;
