@@ -226,9 +226,10 @@ def channel_scores_native(query: torch.Tensor, codes: torch.Tensor, scale: torch
     whose scale and minimum [b, h, t / group, d] hold per channel and group of `group` tokens. The C++ kernel; raises
     where it cannot be built."""
     b, h, n, d = query.shape
-    if codes.shape[2] % group or tuple(scale.shape) != (b, h, codes.shape[2] // group, d):
-        raise ValueError(f"channel-axis codes need whole groups of {group} tokens and a scale per group and channel, "
-                         f"got {codes.shape[2]} tokens and scale {tuple(scale.shape)}")
+    if minimum is None or codes.shape[2] % group or tuple(scale.shape) != (b, h, codes.shape[2] // group, d):
+        raise ValueError(f"channel-axis codes need whole groups of {group} tokens and a scale and minimum per group "
+                         f"and channel, got {codes.shape[2]} tokens, scale {tuple(scale.shape)}, minimum "
+                         f"{None if minimum is None else tuple(minimum.shape)}")
     out = torch.empty(b, h, n, codes.shape[2], dtype=torch.float32)
     return _native_read("scalar_channel_scores_cpu", query, codes, scale, minimum, None, bits, group, d, out)
 
