@@ -111,11 +111,18 @@ def test_parallel_regions_run_on_torchs_openmp_threads(tmp_path, monkeypatch):
 
 
 def test_a_compiler_without_openmp_still_builds(tmp_path, monkeypatch):
+    """...and a new process takes the library cached without OpenMP, calling the compiler no more."""
+    calls = tmp_path / "calls"
     wrapper = tmp_path / "no-openmp-c++"
-    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec c++ "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho >> {calls}\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+                       'exec c++ "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CXX", str(wrapper))
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     source = tmp_path / "team.cpp"
     source.write_text(OPENMP_SOURCE)
     assert native.library(source).team(2) == 1
+    assert len(calls.read_text().splitlines()) == 2  # with OpenMP (refused), then without
+    native._loaded.pop(source)
+    assert native.library(source).team(2) == 1
+    assert len(calls.read_text().splitlines()) == 2

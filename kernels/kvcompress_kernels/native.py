@@ -57,20 +57,26 @@ def _cpu_flags() -> str:
 
 def _compile(source: Path, compiler: list[str]) -> Path:
     """The path of the library built from `source` (compiled now unless cached), with OpenMP where the compiler
-    has it; raises on a compiler error."""
+    has it; raises on a compiler error. A library cached without OpenMP is taken as it is: its build means the
+    compiler had none, and trying again would cost a failed compile in every new process."""
+    with_openmp, without = _target(source, compiler, FLAGS + OPENMP), _target(source, compiler, FLAGS)
+    for target in (with_openmp, without):
+        if target.is_file():
+            return target
     try:
-        return _build(source, compiler, FLAGS + OPENMP)
+        return _build(source, compiler, FLAGS + OPENMP, with_openmp)
     except RuntimeError:
-        return _build(source, compiler, FLAGS)
+        return _build(source, compiler, FLAGS, without)
 
 
-def _build(source: Path, compiler: list[str], flags: tuple[str, ...]) -> Path:
-    text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, " ".join(compiler + list(flags)).encode(), platform.machine().encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
-    if target.is_file():
-        return target
+def _target(source: Path, compiler: list[str], flags: tuple[str, ...]) -> Path:
+    """Where the library of `source` built by this compiler with these flags for this CPU is cached."""
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(compiler + list(flags)).encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{key}.so"
+
+
+def _build(source: Path, compiler: list[str], flags: tuple[str, ...], target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: processes compiling at once never load a half-written file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
