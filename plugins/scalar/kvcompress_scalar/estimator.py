@@ -179,15 +179,25 @@ class _NativeRead(ctypes.Structure):
 
 def native_token_reads(bits: int, group: int, dim: int, queries: int, *tensors: torch.Tensor) -> bool:
     """Whether the C++ reads take token-axis codes of this shape: 2, 4 or 8 bits filling whole 16-byte chunks,
-    groups of whole bytes, at most 16 groups and NATIVE_QUERIES queries, CPU tensors and the kernels at hand."""
-    return (
-        bits in (2, 4, 8) and dim * bits % 128 == 0 and group % (8 // bits) == 0 and dim // group <= 16
-        and 1 <= queries <= NATIVE_QUERIES and native_library(NATIVE_SOURCE, *tensors) is not None
-    )
+    at most 16 groups and NATIVE_QUERIES queries, CPU tensors and the kernels at hand."""
+    return _token_groups_fit(group, dim) and _native_rows(bits, dim, queries, tensors)
+
+
+def _native_rows(bits: int, dim: int, queries: int, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """What both C++ reads need: 2, 4 or 8-bit codes in rows of whole 16-byte chunks, a decode-sized query block,
+    CPU tensors and the kernels at hand."""
+    return (bits in (2, 4, 8) and dim * bits % 128 == 0 and 1 <= queries <= NATIVE_QUERIES
+            and native_library(NATIVE_SOURCE, *tensors) is not None)
+
+
+def _token_groups_fit(group: int, dim: int) -> bool:
+    """Channel groups the token-axis kernels take: dividing the row, at most 16 (one vector of scales). With rows of
+    whole 16-byte chunks that makes every group whole bytes."""
+    return dim % group == 0 and dim // group <= 16
 
 
 def _check_token_groups(dim: int, group: int) -> None:
-    if dim % group or dim // group > 16:
+    if not _token_groups_fit(group, dim):
         raise ValueError(f"the CPU reads take up to 16 channel groups dividing the head_dim, got {dim} channels in "
                          f"groups of {group}")
 
@@ -197,9 +207,9 @@ def _native_read(entry: str, inputs: torch.Tensor, codes: torch.Tensor, scale: t
                  out: torch.Tensor) -> torch.Tensor:
     library = native.required(NATIVE_SOURCE)
     b, h, t = codes.shape[:3]
-    if codes.dtype != torch.uint8 or codes.shape[-1] != dim * bits // 8:
-        raise ValueError(f"the CPU reads take uint8 rows of {dim} {bits}-bit codes, got {tuple(codes.shape)} "
-                         f"{codes.dtype}")
+    if codes.dtype != torch.uint8 or codes.shape[-1] != dim * bits // 8 or dim * bits % 128:
+        raise ValueError(f"the CPU reads take uint8 rows of {dim} {bits}-bit codes in whole 16-byte chunks, got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
     codes = token_rows(codes)
     held = [scale.float().contiguous(), None if minimum is None else minimum.float().contiguous(),
             None if levels is None else levels.float().contiguous(), inputs.float().contiguous()]
@@ -214,10 +224,7 @@ def native_channel_reads(bits: int, group: int, dim: int, queries: int, *tensors
     """Whether the C++ scores take channel-axis codes of this shape: 2, 4 or 8 bits filling whole 16-byte chunks,
     token groups of a multiple of 16 tokens dividing 1024, at most NATIVE_QUERIES queries, CPU tensors and the
     kernels at hand."""
-    return (
-        bits in (2, 4, 8) and dim * bits % 128 == 0 and group % 16 == 0 and 1024 % group == 0
-        and 1 <= queries <= NATIVE_QUERIES and native_library(NATIVE_SOURCE, *tensors) is not None
-    )
+    return group % 16 == 0 and 1024 % group == 0 and _native_rows(bits, dim, queries, tensors)
 
 
 def channel_scores_native(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,

@@ -112,6 +112,9 @@ def test_shapes_the_kernels_take():
     with pytest.raises(ValueError, match="minimum None"):
         channel_scores_native(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 32, 16, dtype=torch.uint8),
                               torch.ones(1, 1, 1, 64), None, 2, 32)
+    with pytest.raises(ValueError, match="whole 16-byte chunks"):  # 32 two-bit codes fill half a chunk
+        token_mix_native(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 4, 8, dtype=torch.uint8), torch.ones(1, 1, 4, 1),
+                         None, None, 2, 32, 32)
     with pytest.raises(ValueError, match="uint8 rows of 64 2-bit codes"):
         token_scores_native(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 4, 8, dtype=torch.uint8),
                             torch.ones(1, 1, 4, 2), None, None, 2, 32)
