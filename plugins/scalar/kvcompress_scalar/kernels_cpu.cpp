@@ -55,8 +55,11 @@ inline i16 widen_bytes(const uint8_t *p) {
 // group (token-axis codes).
 struct Layout {
     int64_t per_byte, chunks, vectors;  // codes per byte; 16-byte chunks per row; vectors per chunk (= per_byte)
+    int64_t rows, width;                // bytes per row; vectors per row
     std::vector<i16> group_of;          // [chunks]: the channel group of each lane (the same for every vector)
-    explicit Layout(const Args &a) : per_byte(8 / a.bits), chunks(a.dim * a.bits / 128), vectors(8 / a.bits) {
+    explicit Layout(const Args &a)
+        : per_byte(8 / a.bits), chunks(a.dim * a.bits / 128), vectors(8 / a.bits), rows(a.dim * a.bits / 8),
+          width(chunks * vectors) {
         group_of.resize(chunks);
         for (int64_t c = 0; c < chunks; c++)
             for (int j = 0; j < 16; j++) group_of[c][j] = (int32_t)(channel(c, 0, j) / a.group);
@@ -136,6 +139,21 @@ inline v16 block_dots(const v16 *query, const v16 *values, int live, int64_t wid
     return lane_sums(acc);
 }
 
+// The parallel work: up to SPLIT tokens of one (sequence, KV head) per item.
+inline int64_t splits(const Args &a) { return (a.tokens + SPLIT - 1) / SPLIT; }
+
+struct Item {
+    int64_t bh, begin, end;  // bh: batch * heads index; tokens begin..end
+    const uint8_t *codes;    // that head's first row
+    Item(const Args &a, int64_t item) {
+        const int64_t count = splits(a);
+        bh = item / count;
+        begin = item % count * SPLIT;
+        end = begin + SPLIT < a.tokens ? begin + SPLIT : a.tokens;
+        codes = a.codes + bh / a.heads * a.codes_b + bh % a.heads * a.codes_h;
+    }
+};
+
 // A row of `dim` floats in the layout's lane order, [chunks * vectors] vectors.
 inline void permute(const Layout &layout, const float *row, v16 *out) {
     for (int64_t c = 0; c < layout.chunks; c++)
@@ -154,14 +172,12 @@ v16 level_vector(const Args &a) {
 
 extern "C" void scalar_token_scores_cpu(const Args *a) {
     const Layout layout(*a);
-    const int64_t n = a->queries, t = a->tokens, dim = a->dim, groups = dim / a->group;
-    const int64_t splits = (t + SPLIT - 1) / SPLIT, rows = dim * a->bits / 8, width = layout.chunks * layout.vectors;
+    const int64_t n = a->queries, t = a->tokens, dim = a->dim, groups = dim / a->group, width = layout.width;
     const v16 levels = level_vector(*a);
 #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < a->batch * a->heads * splits; item++) {
-        const int64_t bh = item / splits, b = bh / a->heads, h = bh % a->heads;
-        const int64_t begin = item % splits * SPLIT, end = begin + SPLIT < t ? begin + SPLIT : t;
-        const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+    for (int64_t index = 0; index < a->batch * a->heads * splits(*a); index++) {
+        const Item item(*a, index);
+        const int64_t bh = item.bh;
         // the queries in the layout's order, and each query's sum per channel group (for the minimum)
         std::vector<v16> query(n * width), values(TOKENS * width), acc(TOKENS);
         std::vector<float> group_sums(n * groups, 0.0f);
@@ -170,11 +186,11 @@ extern "C" void scalar_token_scores_cpu(const Args *a) {
             permute(layout, row, &query[q * width]);
             for (int64_t ch = 0; ch < dim; ch++) group_sums[q * groups + ch / a->group] += row[ch];
         }
-        for (int64_t start = begin; start < end; start += TOKENS) {
-            const int live = end - start < TOKENS ? (int)(end - start) : TOKENS;
+        for (int64_t start = item.begin; start < item.end; start += TOKENS) {
+            const int live = item.end - start < TOKENS ? (int)(item.end - start) : TOKENS;
             for (int k = 0; k < live; k++)
-                widen(*a, layout, codes + (start + k) * rows, a->scale + (bh * t + start + k) * groups, levels,
-                      &values[k * width]);
+                widen(*a, layout, item.codes + (start + k) * layout.rows, a->scale + (bh * t + start + k) * groups,
+                      levels, &values[k * width]);
             for (int64_t q = 0; q < n; q++) {
                 const v16 sums = block_dots(&query[q * width], values.data(), live, width, acc.data());
                 float *out = a->out + (bh * n + q) * t + start;
@@ -195,17 +211,15 @@ extern "C" void scalar_token_scores_cpu(const Args *a) {
 //   out[q, t] = sum_c (query[q, c] scale[G(t), c]) code[t, c] + sum_c query[q, c] minimum[G(t), c]
 extern "C" void scalar_channel_scores_cpu(const Args *a) {
     const Layout layout(*a);
-    const int64_t n = a->queries, t = a->tokens, dim = a->dim, group = a->group;
-    const int64_t splits = (t + SPLIT - 1) / SPLIT, rows = dim * a->bits / 8, width = layout.chunks * layout.vectors;
+    const int64_t n = a->queries, t = a->tokens, dim = a->dim, group = a->group, width = layout.width;
 #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < a->batch * a->heads * splits; item++) {
-        const int64_t bh = item / splits, b = bh / a->heads, h = bh % a->heads;
-        const int64_t begin = item % splits * SPLIT, end = begin + SPLIT < t ? begin + SPLIT : t;
-        const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+    for (int64_t index = 0; index < a->batch * a->heads * splits(*a); index++) {
+        const Item item(*a, index);
+        const int64_t bh = item.bh;
         std::vector<v16> scaled(n * width), scale(width), values(TOKENS * width), acc(TOKENS);
         std::vector<float> offset(n);
-        for (int64_t start = begin; start < end; start += TOKENS) {
-            const int live = end - start < TOKENS ? (int)(end - start) : TOKENS;
+        for (int64_t start = item.begin; start < item.end; start += TOKENS) {
+            const int live = item.end - start < TOKENS ? (int)(item.end - start) : TOKENS;
             if (start % group == 0) {  // a new token group: its scale into the queries, its minimum into offsets
                 const int64_t row = (bh * (t / group) + start / group) * dim;
                 permute(layout, a->scale + row, scale.data());
@@ -219,7 +233,7 @@ extern "C" void scalar_channel_scores_cpu(const Args *a) {
                 }
             }
             for (int k = 0; k < live; k++)
-                widen(*a, layout, codes + (start + k) * rows, nullptr, v16{}, &values[k * width]);
+                widen(*a, layout, item.codes + (start + k) * layout.rows, nullptr, v16{}, &values[k * width]);
             for (int64_t q = 0; q < n; q++) {
                 const v16 sums = block_dots(&scaled[q * width], values.data(), live, width, acc.data());
                 float *out = a->out + (bh * n + q) * t + start;
@@ -231,28 +245,26 @@ extern "C" void scalar_channel_scores_cpu(const Args *a) {
 
 extern "C" void scalar_token_mix_cpu(const Args *a) {
     const Layout layout(*a);
-    const int64_t n = a->queries, t = a->tokens, dim = a->dim, groups = dim / a->group;
-    const int64_t splits = (t + SPLIT - 1) / SPLIT, rows = dim * a->bits / 8, width = layout.chunks * layout.vectors;
-    const int64_t items = a->batch * a->heads * splits;
+    const int64_t n = a->queries, t = a->tokens, dim = a->dim, groups = dim / a->group, width = layout.width;
+    const int64_t items = a->batch * a->heads * splits(*a);
     const v16 levels = level_vector(*a);
     // per work item: [n][width] accumulators in the layout's order and [n][groups] weighted minima
     std::vector<v16> partial(items * n * width);
     std::vector<float> minima(items * n * groups, 0.0f);
 #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t bh = item / splits, b = bh / a->heads, h = bh % a->heads;
-        const int64_t begin = item % splits * SPLIT, end = begin + SPLIT < t ? begin + SPLIT : t;
-        const uint8_t *codes = a->codes + b * a->codes_b + h * a->codes_h;
+    for (int64_t index = 0; index < items; index++) {
+        const Item item(*a, index);
+        const int64_t bh = item.bh;
         std::vector<v16> values(width);
-        v16 *acc = &partial[item * n * width];
-        for (int64_t tok = begin; tok < end; tok++) {
-            widen(*a, layout, codes + tok * rows, a->scale + (bh * t + tok) * groups, levels, values.data());
+        v16 *acc = &partial[index * n * width];
+        for (int64_t tok = item.begin; tok < item.end; tok++) {
+            widen(*a, layout, item.codes + tok * layout.rows, a->scale + (bh * t + tok) * groups, levels, values.data());
             for (int64_t q = 0; q < n; q++) {
                 const float weight = a->input[(bh * n + q) * t + tok];
                 for (int64_t v = 0; v < width; v++) acc[q * width + v] += weight * values[v];
                 if (a->minimum)
                     for (int64_t g = 0; g < groups; g++)
-                        minima[(item * n + q) * groups + g] += weight * a->minimum[(bh * t + tok) * groups + g];
+                        minima[(index * n + q) * groups + g] += weight * a->minimum[(bh * t + tok) * groups + g];
             }
         }
     }
@@ -260,8 +272,8 @@ extern "C" void scalar_token_mix_cpu(const Args *a) {
         for (int64_t q = 0; q < n; q++) {
             float *out = a->out + (bh * n + q) * dim;
             for (int64_t ch = 0; ch < dim; ch++) out[ch] = 0.0f;
-            for (int64_t s = 0; s < splits; s++) {
-                const int64_t item = bh * splits + s;
+            for (int64_t s = 0; s < splits(*a); s++) {
+                const int64_t item = bh * splits(*a) + s;
                 const v16 *acc = &partial[(item * n + q) * width];
                 for (int64_t c = 0; c < layout.chunks; c++)
                     for (int64_t i = 0; i < layout.vectors; i++)
