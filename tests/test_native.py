@@ -126,3 +126,15 @@ def test_a_compiler_without_openmp_still_builds(tmp_path, monkeypatch):
     native._loaded.pop(source)
     assert native.library(source).team(2) == 1
     assert len(calls.read_text().splitlines()) == 2
+
+
+def test_native_or_skip_gives_the_library_or_skips_with_the_reason(tmp_path, monkeypatch):
+    from kvcompress.testing import native_or_skip
+
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    fine, broken = tmp_path / "fine.cpp", tmp_path / "broken.cpp"
+    fine.write_text('extern "C" int four() { return 4; }\n')
+    broken.write_text("not C++\n")
+    assert native_or_skip(fine).four() == 4
+    with pytest.raises(pytest.skip.Exception, match="no C\\+\\+ kernel: .* could not build broken.cpp"):
+        native_or_skip(broken)

@@ -15,9 +15,11 @@ Each check builds the quantizer through the registry, exactly as a cache layer w
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -57,6 +59,18 @@ def kernel_devices() -> list[torch.device]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [torch.device("cpu")]
     return [torch.device("cuda")] if torch.cuda.is_available() else []
+
+
+def native_or_skip(source: Path) -> ctypes.CDLL:
+    """The compiled C++ kernels of `source` (kvcompress_kernels.native), or a skip of the calling test that says why
+    they cannot be built here (no compiler, a compile error): for the tests of a method's CPU kernels, e.g. an
+    autouse fixture calling it with the package's source."""
+    from kvcompress_kernels import native
+
+    library = native.library(source)
+    if library is None:
+        pytest.skip(f"no C++ kernel: {native.unavailable(source)}")
+    return library
 
 
 class KernelCompileConformance:

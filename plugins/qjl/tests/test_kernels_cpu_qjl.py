@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress_kernels import native
+from kvcompress.testing import native_or_skip
 from kvcompress_qjl.kernels import (
     NATIVE_QUERIES,
     NATIVE_SOURCE,
@@ -23,8 +23,7 @@ SCALE = 1.2533
 
 @pytest.fixture(autouse=True)
 def needs_compiler():
-    if native.library(NATIVE_SOURCE) is None:
-        pytest.skip(f"no C++ kernel: {native.unavailable(NATIVE_SOURCE)}")
+    native_or_skip(NATIVE_SOURCE)
 
 
 def quantized(batch: int, heads: int, t: int, d: int, m: int, m_out: int, outliers: int, seed: int = 0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress_kernels import native
+from kvcompress.testing import native_or_skip
 from kvcompress_rvq.kernels import (
     NATIVE_SOURCE,
     lut_mix,
@@ -26,8 +26,7 @@ from kvcompress_rvq.kernels import (
 
 @pytest.fixture(autouse=True)
 def needs_compiler():
-    if native.library(NATIVE_SOURCE) is None:
-        pytest.skip(f"no C++ kernel: {native.unavailable(NATIVE_SOURCE)}")
+    native_or_skip(NATIVE_SOURCE)
 
 
 def codebooks(depth: int, size: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.testing import make_codec
-from kvcompress_kernels import native
+from kvcompress.testing import make_codec, native_or_skip
 from kvcompress_kernels.bitpack import pack_bits
 from kvcompress_scalar.estimator import (
     NATIVE_QUERIES,
@@ -25,8 +24,7 @@ from kvcompress_scalar.estimator import (
 
 @pytest.fixture(autouse=True)
 def needs_compiler():
-    if native.library(NATIVE_SOURCE) is None:
-        pytest.skip(f"no C++ kernel: {native.unavailable(NATIVE_SOURCE)}")
+    native_or_skip(NATIVE_SOURCE)
 
 
 def state(b, h, t, d, bits, group, levels, minimum, seed=0):
