@@ -109,6 +109,28 @@ def test_windows_pool_their_tokens_and_report_the_spread_of_the_deltas(model, to
     assert compressed["delta_spread_pct"] == pytest.approx(statistics.stdev(deltas))
 
 
+def test_batches_of_windows_and_a_shared_prefill_give_what_each_spec_gets_alone(model, tokenizer, text):
+    """Windows side by side in batches of any size, and specs that share each batch's prefill: every row's
+    per-window perplexities are those of the spec's windows run one by one on its own, and the bytes of one
+    window depend on the batch only through the stores' growth headroom."""
+    pytest.importorskip("kvcompress_scalar")
+    protocol = Protocol(context=40, continuation=11, chunk=4, windows=5)
+    ids = tokenize_text(tokenizer, text, protocol, "default")
+    kivi = kvcompress.parse_spec({
+        "name": "kivi-2", "window": 4, "sinks": 2,
+        "keys": {"quantizer": {"method": "scalar", "bits": 2, "axis": "channel", "group": 8}},
+        "values": {"quantizer": {"method": "scalar", "bits": 2, "axis": "token", "group": 8}},
+    })
+    runners = [Runner(BASELINE, None), Runner("kivi-2", kivi), Runner("float32", kvcompress.parse_spec(FLOAT32_SPEC))]
+    alone = [evaluate_perplexity(model, ids, protocol, [runner], batch=1)[0] for runner in runners]
+    for batch in (1, 2, 5):
+        together = evaluate_perplexity(model, ids, protocol, runners, batch=batch)
+        for row, expected in zip(together, alone):
+            assert row["window_ppl"] == pytest.approx(expected["window_ppl"], rel=1e-5), (batch, row["name"])
+            assert row["cache_bytes"] == pytest.approx(expected["cache_bytes"], rel=0.05), (batch, row["name"])
+            assert row["bits_per_element"] == expected["bits_per_element"]
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_nll_scores_exactly_the_continuation_and_matches_a_manual_dynamic_cache_loop(model, tokenizer, text, chunk):
     protocol = Protocol(context=40, continuation=23, chunk=chunk)

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ppl: disjoint slices of the text, each context + continuation tokens with a fresh cache; the table "
         "pools them and shows the spread of the per-window deltas (default 4)",
     )
+    parser.add_argument(
+        "--batch", type=int, default=8,
+        help="ppl: windows run side by side in one cache (default 8); memory grows with it, the figures do not change",
+    )
     parser.add_argument("--lengths", default="512,1024,2048", help="needle: document lengths in tokens; ruler: prompt plus answer budget in tokens; comma-separated")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle: where the needle sits, fractions of the document")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="needle: tokens generated for the answer (default 32: SmolLM2 spends one token per digit)")
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     text, source = read_text(args.text)
     if args.task == "ppl":
         protocol = Protocol(args.context, args.continuation, args.chunk, args.windows)
+        if args.batch < 1:
+            raise KVCompressError(f"--batch must be at least 1, got {args.batch}")
         task_settings: dict[str, Any] = asdict(protocol)
     elif args.task == "needle":
         from kvcompress.eval.needle import NeedleSettings
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     check_runners(model, runners)
     header = run_header(args.model, model, source, args.task, task_settings)
     if args.task == "ppl":
-        rows = evaluate_perplexity(model, input_ids, protocol, runners)
+        rows = evaluate_perplexity(model, input_ids, protocol, runners, args.batch)
         print(format_perplexity_table(rows))
     elif args.task == "needle":
         rows = evaluate_needle(model, tokenizer, trials, runners, needle_settings)

@@ -23,16 +23,20 @@ def fp16_nbytes(model: Any, tokens: int, batch: int = 1) -> int:
     return 2 * 2 * batch * g.num_layers * g.kv_heads * g.head_dim * tokens
 
 
-def cache_figures(model: Any, cache: Any) -> dict[str, Any]:
-    """bits_per_element, key_bits, value_bits, cache_bytes, fp16_bytes of a filled cache (stored bytes)."""
+def cache_figures(model: Any, cache: Any, rows: int = 1) -> dict[str, Any]:
+    """bits_per_element, key_bits, value_bits, cache_bytes, fp16_bytes of a filled cache (stored bytes).
+
+    rows: the cache holds that many equal sequences side by side; the bytes are one sequence's share (the
+    per-layer constants, held once whatever the batch, counted whole)."""
     tokens = cache.get_seq_length()
     fp16 = fp16_nbytes(model, tokens)
     if hasattr(cache, "nbytes"):
+        parts = cache.nbytes()
         return {
             "bits_per_element": cache.bits_per_element(),
             "key_bits": cache.key_bits(),
             "value_bits": cache.value_bits(),
-            "cache_bytes": cache.nbytes()["total"],
+            "cache_bytes": (parts["total"] - parts["constants"]) / rows + parts["constants"],
             "fp16_bytes": fp16,
         }
     # A dense cache stores each element in its dtype. Its bytes are not a measure of that: sliding-window layers
@@ -41,5 +45,5 @@ def cache_figures(model: Any, cache: Any) -> dict[str, Any]:
     bits = 8.0 * max(sizes) if sizes else None
     return {
         "bits_per_element": bits, "key_bits": bits, "value_bits": bits,
-        "cache_bytes": dense_cache_nbytes(cache), "fp16_bytes": fp16,
+        "cache_bytes": dense_cache_nbytes(cache) / rows, "fp16_bytes": fp16,
     }

@@ -9,6 +9,9 @@ The protocol runs on `windows` disjoint consecutive slices of the text, each wit
 reported perplexity pools every scored token, and the spread of the per-window deltas says how much one
 slice of text moves a figure (a single 256-token window moves a method by several percent).
 The baseline runs the same protocol with a transformers DynamicCache and the model's own attention.
+Windows run side by side, a batch at a time, and the specs share each batch's prefill: a prompt over an
+empty cache attends in full precision to itself whatever the spec, so one forward fills every spec's cache
+(kvcompress.hf.fanout), exactly as separate prefills would.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -90,17 +94,34 @@ def shared_context_logits(
         yield out.logits, rows[:, start + 1 : stop + 1]
 
 
+def prefill_logits(model: Any, contexts: "torch.Tensor", cache: Any) -> "torch.Tensor":
+    """The logits [rows, 1, vocab] of the last position of each context [rows, context], prefilled through
+    `cache` (a PrefillFanout fills several caches at once). Call under torch.inference_mode."""
+    return model(input_ids=contexts.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+
+def chunk_logits(
+    model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(logits [rows, n, vocab], targets [rows, n]) of each chunk of the windows' continuations, `input_ids`
+    [rows, tokens], fed through `cache`, which holds their contexts. Call under torch.inference_mode."""
+    input_ids = input_ids.to(model.device)
+    for start, stop in protocol.chunks():
+        out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+        yield out.logits, input_ids[:, start + 1 : stop + 1]
+
+
 def continuation_logits(
     model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
 ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """(logits [n, vocab], targets [n]) of each forward of one window, `input_ids` [1, tokens]: the prefill's
-    last position, then each chunk of the continuation fed through `cache`. Call under torch.inference_mode."""
-    if input_ids.shape != (1, protocol.tokens):
-        raise ValueError(f"input_ids must have shape (1, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    for logits, targets in shared_context_logits(
-        model, input_ids[0, : protocol.context], input_ids[:, protocol.context :], protocol.chunk, cache
-    ):
-        yield logits[0], targets[0]
+    """(logits [rows, n, vocab], targets [rows, n]) of each forward of the windows `input_ids` [rows, tokens]
+    side by side: the prefill's last position, then each chunk of the continuation fed through `cache`. Call
+    under torch.inference_mode."""
+    if input_ids.dim() != 2 or input_ids.shape[1] != protocol.tokens:
+        raise ValueError(f"input_ids must have shape (rows, {protocol.tokens}), got {tuple(input_ids.shape)}")
+    context = protocol.context
+    yield prefill_logits(model, input_ids[:, :context], cache), input_ids[:, context : context + 1].to(model.device)
+    yield from chunk_logits(model, input_ids, protocol, cache)
 
 
 def continuation_scores(
@@ -127,6 +148,21 @@ def continuation_scores(
     return [(scores[row, :length], hits[row, :length]) for row, length in enumerate(lengths)]
 
 
+def row_nll(steps: Iterator[tuple["torch.Tensor", "torch.Tensor"]], step: Callable[[], None] | None = None) -> "torch.Tensor":
+    """Summed negative log-likelihood [rows] (float64) of the targets of each row over the forwards `steps`
+    yields ((logits [rows, n, vocab], targets [rows, n])); `step` is called after each forward."""
+    import torch
+    import torch.nn.functional as F
+
+    total = torch.zeros((), dtype=torch.float64)  # broadcasts to [rows] at the first forward (none: 0)
+    for logits, targets in steps:
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        total = total + nll.view(targets.shape).double().sum(-1)
+        if step is not None:
+            step()
+    return total
+
+
 def continuation_nll(
     model: Any,
     input_ids: "torch.Tensor",
@@ -134,65 +170,96 @@ def continuation_nll(
     cache: Any,
     step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """(summed negative log-likelihood, tokens scored) of one window's continuation, fed through `cache` in
-    chunks; `input_ids` is that window, [1, tokens].
+    """(summed negative log-likelihood, tokens scored) of the windows' continuations, `input_ids` [rows,
+    tokens] side by side, fed through `cache` in chunks.
 
     `step` is called after the prefill and after every chunk (progress reporting).
     """
     import torch
-    import torch.nn.functional as F
 
-    total = torch.zeros((), dtype=torch.float64, device=model.device)
-    scored = 0
     with torch.inference_mode():
-        for logits, targets in continuation_logits(model, input_ids, protocol, cache):
-            total += F.cross_entropy(logits.float(), targets, reduction="sum").double()
-            scored += targets.numel()
-            if step is not None:
-                step()
-    return total.item(), scored
+        nll = row_nll(continuation_logits(model, input_ids, protocol, cache), step)
+    return nll.sum().item(), input_ids.shape[0] * protocol.continuation
 
 
-def evaluate_perplexity(model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner]) -> list[dict[str, Any]]:
-    """One result row per runner over the windows of `input_ids` [windows, tokens]; the first runner must be
-    the baseline, whose perplexity the others compare to (pooled, and window by window)."""
+def evaluate_perplexity(
+    model: Any, input_ids: "torch.Tensor", protocol: Protocol, runners: list[Runner], batch: int = 8
+) -> list[dict[str, Any]]:
+    """One result row per runner over the windows of `input_ids` [windows, tokens]; the first runner is the
+    reference whose perplexity the others compare to (pooled, and window by window): the baseline.
+
+    Windows run `batch` at a time, side by side in one cache. The specs' runners share each batch's prefill
+    (kvcompress.hf.fanout: one forward fills every spec's cache, exactly as separate prefills would), so a
+    spec's `seconds` are its chunked forwards plus an equal share of that prefill; a runner without a spec
+    (the baseline's DynamicCache) runs its own. Bytes are those one window holds (a batch's cache, its
+    per-layer constants counted once).
+    """
+    import torch
+
+    from kvcompress.hf.fanout import PrefillFanout
+
     if input_ids.shape != (protocol.windows, protocol.tokens):
         raise ValueError(f"input_ids must have shape ({protocol.windows}, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    steps_per_run = protocol.windows * (1 + len(protocol.chunks()))
-    rows: list[dict[str, Any]] = []
-    with progress(total=steps_per_run * len(runners), desc="perplexity") as bar:
-        for runner in runners:
-            bar.set_postfix_str(runner.name)
-            window_nll: list[float] = []
-            scored = 0
-            with runner.session(model) as new_cache:
-                started = time.perf_counter()
-                for window in input_ids.split(1):
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    dense = [i for i, runner in enumerate(runners) if runner.spec is None]
+    compressed = [i for i, runner in enumerate(runners) if runner.spec is not None]
+    chunks = len(protocol.chunks())
+    groups = input_ids.split(batch)
+    steps = len(groups) * (len(dense) * (1 + chunks) + (1 + len(compressed) * chunks if compressed else 0))
+    window_nll: list[list[float]] = [[] for _ in runners]
+    seconds = [0.0] * len(runners)
+    figures: dict[int, dict[str, Any]] = {}
+    with progress(total=steps, desc="perplexity") as bar:
+        for group in groups:
+            for i in dense:
+                bar.set_postfix_str(runners[i].name)
+                with runners[i].session(model) as new_cache, torch.inference_mode():
+                    started = time.perf_counter()
                     cache = new_cache()
-                    nll, count = continuation_nll(model, window, protocol, cache, step=lambda: bar.update(1))
-                    window_nll.append(nll)
-                    scored += count
-                seconds = time.perf_counter() - started
-                figures = cache_figures(model, cache)  # every window holds the same number of tokens
-            window_ppl = [math.exp(nll / (scored / protocol.windows)) for nll in window_nll]
-            ppl = math.exp(sum(window_nll) / scored)
-            baseline = rows[0] if rows else {"ppl": ppl, "window_ppl": window_ppl}
-            window_delta = [100 * (p - b) / b for p, b in zip(window_ppl, baseline["window_ppl"])]
-            rows.append({
-                "name": runner.name,
-                "source": runner.spec.source if runner.spec is not None else None,
-                **{k: figures[k] for k in ("bits_per_element", "key_bits", "value_bits")},
-                "ppl": ppl,
-                "baseline_ppl": baseline["ppl"],
-                "delta_pct": 100 * (ppl - baseline["ppl"]) / baseline["ppl"],
-                "delta_spread_pct": statistics.stdev(window_delta) if len(window_delta) > 1 else 0.0,
-                "window_ppl": window_ppl,
-                "window_delta_pct": window_delta,
-                "cache_bytes": figures["cache_bytes"],
-                "fp16_bytes": figures["fp16_bytes"],
-                "seconds": seconds,
-                "tokens_scored": scored,
-            })
+                    nll = row_nll(continuation_logits(model, group, protocol, cache), lambda: bar.update(1))
+                    seconds[i] += time.perf_counter() - started
+                    window_nll[i] += nll.tolist()
+                    figures.setdefault(i, cache_figures(model, cache, rows=group.shape[0]))
+            if not compressed:
+                continue
+            with ExitStack() as stack, torch.inference_mode():
+                bar.set_postfix_str("prefill")
+                caches = [stack.enter_context(runners[i].session(model))() for i in compressed]
+                started = time.perf_counter()
+                logits = prefill_logits(model, group[:, : protocol.context], PrefillFanout(caches))
+                first = row_nll(iter([(logits, group[:, protocol.context : protocol.context + 1].to(model.device))]))
+                shared = (time.perf_counter() - started) / len(compressed)
+                bar.update(1)
+                for i, cache in zip(compressed, caches):
+                    bar.set_postfix_str(runners[i].name)
+                    started = time.perf_counter()
+                    nll = first + row_nll(chunk_logits(model, group, protocol, cache), lambda: bar.update(1))
+                    seconds[i] += time.perf_counter() - started + shared
+                    window_nll[i] += nll.tolist()
+                    figures.setdefault(i, cache_figures(model, cache, rows=group.shape[0]))
+    rows: list[dict[str, Any]] = []
+    for i, runner in enumerate(runners):
+        scored = protocol.windows * protocol.continuation
+        window_ppl = [math.exp(nll / protocol.continuation) for nll in window_nll[i]]
+        ppl = math.exp(sum(window_nll[i]) / scored)
+        baseline = rows[0] if rows else {"ppl": ppl, "window_ppl": window_ppl}
+        window_delta = [100 * (p - b) / b for p, b in zip(window_ppl, baseline["window_ppl"])]
+        rows.append({
+            "name": runner.name,
+            "source": runner.spec.source if runner.spec is not None else None,
+            **{k: figures[i][k] for k in ("bits_per_element", "key_bits", "value_bits")},
+            "ppl": ppl,
+            "baseline_ppl": baseline["ppl"],
+            "delta_pct": 100 * (ppl - baseline["ppl"]) / baseline["ppl"],
+            "delta_spread_pct": statistics.stdev(window_delta) if len(window_delta) > 1 else 0.0,
+            "window_ppl": window_ppl,
+            "window_delta_pct": window_delta,
+            "cache_bytes": figures[i]["cache_bytes"],
+            "fp16_bytes": figures[i]["fp16_bytes"],
+            "seconds": seconds[i],
+            "tokens_scored": scored,
+        })
     return rows
 
 

@@ -30,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvcompress.errors import KVCompressError
 from kvcompress.hf.cache import CompressedLayer, Segment
+from kvcompress.hf.fanout import FanoutLayer
 from kvcompress.hf.rows import PaddedBatchLayer, first_real_positions
 from kvcompress_kernels.partial import bias_from_mask, dense_partial, merge_partials
 
@@ -80,7 +81,7 @@ def kvcompress_attention(
         if dropout:
             raise KVCompressError("attention dropout is on: the compressed cache is for inference, call model.eval()")
         layer = cache.layers[module.layer_idx]
-        if not layer.seen and isinstance(layer, CompressedLayer):
+        if not layer.seen and isinstance(layer, (CompressedLayer, FanoutLayer)):
             starts = first_real_positions(attention_mask, 0)
             if starts is not None and any(start != 0 for start in starts):  # held alone: padding enters no statistic
                 layer = cache.split_rows(module.layer_idx, starts)

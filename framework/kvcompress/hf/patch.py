@@ -33,18 +33,19 @@ from kvcompress.errors import KVCompressError, UnsupportedModelError
 from kvcompress.hf import attention
 from kvcompress.hf.adapters import UNSUPPORTED_KWARGS_ATTRIBUTE, KeyReader, model_adapter
 from kvcompress.hf.cache import CompressedCache, ModelGeometry, SpecLike, model_geometry, model_name, resolve_spec
+from kvcompress.hf.fanout import PrefillFanout
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec
 
 PATCH_ATTRIBUTE = "_kvcompress_patch"
 
 
-def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | None:
-    """The CompressedCache among an attention module's arguments (past_key_values in transformers 5)."""
+def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | PrefillFanout | None:
+    """The kvcompress cache among an attention module's arguments (past_key_values in transformers 5)."""
     cache = kwargs.get("past_key_values")
-    if isinstance(cache, CompressedCache):
+    if isinstance(cache, (CompressedCache, PrefillFanout)):
         return cache
-    return next((a for a in (*args, *kwargs.values()) if isinstance(a, CompressedCache)), None)
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, (CompressedCache, PrefillFanout))), None)
 
 
 def _before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
