@@ -14,7 +14,7 @@ SPECS := $(sort $(wildcard specs/*.yaml))
 # RVQ codebooks for the default model: too large to ship (16 MB), so calibrated once on first use.
 CODEBOOKS := specs/codebooks/smollm2-rvq.safetensors specs/codebooks/smollm2-rvq-lite.safetensors
 
-.PHONY: install models demo test test-lm-eval bench bench-e2e bench-kvpress gpu-check clean
+.PHONY: install models demo eval-steady test test-lm-eval bench bench-e2e bench-kvpress gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ demo: install $(CODEBOOKS)
 	$(BIN)/kvcompress validate $(SPECS)
 	$(BIN)/kvcompress roundtrip $(SPECS)
 	$(BIN)/kvcompress eval $(SPECS)
+
+# The steady perplexity protocol, 40 windows of every license text of the system (about 10k scored tokens): the
+# shipped frontier and rot-k4v2, the figures docs/results.md compares across seeds (about a minute a spec on 2 cores).
+STEADY_SPECS := specs/tuned-2.5.yaml specs/tuned-3.yaml specs/tuned-4.yaml specs/rot-k4v2.yaml
+eval-steady: install
+	$(BIN)/kvcompress eval $(STEADY_SPECS) --text /usr/share/common-licenses --windows 40
 
 test: install
 	$(PY) -m pytest tests $(addsuffix tests,$(dir $(PLUGINS)))

@@ -167,3 +167,41 @@ def test_candidates_must_share_their_layout(tmp_path, capsys):
     other.write_text(yaml.safe_dump({**data, "name": "other", "window": 8}))
     code = main(["tune", str(candidate(tmp_path, 4)), str(other), "--budget", "3", "--out", str(tmp_path / "t.yaml")])
     assert code == 1 and "candidates must share them" in capsys.readouterr().err
+
+
+def test_each_sensitivity_is_that_probe_run_alone_window_by_window(model_dir, tmp_path, monkeypatch):
+    """Probes share the windows' prefill and run the windows side by side, in groups of any size: each KL and
+    each cost is what the probe gives run on its own, window by window, against a DynamicCache."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from kvcompress import tune as tune_module
+    from kvcompress.eval.perplexity import Protocol, continuation_logits
+    from kvcompress.hf.loading import load_model
+
+    model, _ = load_model(str(model_dir))
+    protocol = Protocol(context=40, continuation=9, chunk=4, windows=3)
+    windows = torch.randint(3, 300, (3, protocol.tokens), generator=torch.Generator().manual_seed(0))
+    layout, options = gather_options([load_spec(candidate(tmp_path, bits)) for bits in (1, 3)])
+    expected = {}
+    for layer in range(2):
+        for role in ("keys", "values"):
+            for index, option in enumerate(options[role]):
+                total = 0.0
+                with kvcompress.patch(model, tune_module.probe_spec(layout, layer, role, option, protocol.tokens)) as patched:
+                    for window in windows.split(1):
+                        cache = patched.cache()
+                        with torch.inference_mode():
+                            reference = list(continuation_logits(model, window, protocol, DynamicCache(config=model.config)))
+                            probe = list(continuation_logits(model, window, protocol, cache))
+                        for (ref, _), (logits, _) in zip(reference, probe):
+                            ref, logp = F.log_softmax(ref.float(), -1), F.log_softmax(logits.float(), -1)
+                            total += float((ref.exp() * (ref - logp)).sum())
+                store = getattr(cache.layers[layer], "key_store" if role == "keys" else "value_store")
+                expected[layer, role, index] = total, 8 * store.payload_nbytes() / (store.held_tokens() * 16)
+    for group_bytes in (1, 10**12):  # one probe per group; every probe in one group
+        monkeypatch.setattr(tune_module, "PROBE_GROUP_BYTES", group_bytes)
+        found = tune_module.measure(model, windows, protocol, layout, options, progress=False)
+        for (layer, role, index), (total, bits) in expected.items():
+            assert found.kl[layer][role][index] == pytest.approx(total, rel=1e-3, abs=1e-6), (layer, role, index)
+            assert found.bits[layer][role][index] == pytest.approx(bits), (layer, role, index)

@@ -9,7 +9,7 @@ that run. A knapsack over bits then picks one pipeline per layer and role with t
 whose average bits stay within the budget, and writes it as a spec with per-layer overrides.
 
 Layers other than the probed one keep every token in their full-precision window, so a probe costs about
-one plain forward of the windows. The calibration text is Python's pydoc topics unless --text names another file; the text `kvcompress eval`
+one plain forward of the windows' continuations: the probes share the windows' prefill (kvcompress.hf.fanout). The calibration text is Python's pydoc topics unless --text names another file; the text `kvcompress eval`
 measures on by default is refused, so a tuned spec is never fitted to its own evaluation.
 """
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 # Costs are compared in units of 1/BITS_RESOLUTION bit per element per (layer, role).
 BITS_RESOLUTION = 4096
+# Bytes the caches of one group of probes may hold (float32 keys and values of every window outside the probed layer).
+PROBE_GROUP_BYTES = 2 * 2**30
 FLOAT32 = {"quantizer": {"method": "float", "dtype": "float32"}}
 
 
@@ -145,45 +147,61 @@ def measure(
     model: Any, windows: "torch.Tensor", protocol: Any, layout: dict[str, Any], options: dict[str, list[Option]],
     progress: bool = True,
 ) -> Sensitivity:
-    """The sensitivity and cost of every option at every layer and role (see the module's docstring)."""
+    """The sensitivity and cost of every option at every layer and role (see the module's docstring).
+
+    The windows run side by side, and the probes share their prefill: a prompt over empty caches attends to
+    itself in full precision whatever the spec, so one forward fills a group of probes' caches
+    (kvcompress.hf.fanout) and each probe runs only its chunks. Groups are sized so that their caches, which
+    hold the windows' keys and values in float32 outside the probed layer, stay within PROBE_GROUP_BYTES."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     import kvcompress
-    from kvcompress.eval.perplexity import continuation_logits
+    from kvcompress.eval.perplexity import chunk_logits, continuation_logits, prefill_logits
     from kvcompress.hf.cache import model_geometry
+    from kvcompress.hf.fanout import PrefillFanout
 
-    num_layers = model_geometry(model.config).num_layers
-    references = []
+    geometry = model_geometry(model.config)
     with torch.inference_mode():
-        for window in windows.split(1):
-            cache = DynamicCache(config=model.config)
-            # (log-probabilities, probabilities) per forward, the exponent taken once rather than in every probe
-            steps = continuation_logits(model, window, protocol, cache)
-            references.append([(ref, ref.exp()) for ref in (F.log_softmax(lg.float(), dim=-1) for lg, _ in steps)])
-    kl = [{role: [] for role in ROLES} for _ in range(num_layers)]
-    bits = [{role: [] for role in ROLES} for _ in range(num_layers)]
-    trials = [(layer, role, option) for layer in range(num_layers) for role in ROLES for option in options[role]]
-    for layer, role, option in tqdm(trials, desc="sensitivity", unit="trial", disable=not progress):
-        divergence = 0.0
-        with kvcompress.patch(model, probe_spec(layout, layer, role, option, protocol.tokens)) as patched, torch.inference_mode():
-            for window, reference in zip(windows.split(1), references):
-                cache = patched.cache()
-                steps = continuation_logits(model, window, protocol, cache)
-                for (logits, _), (ref, probs) in zip(steps, reference):
-                    logp = F.log_softmax(logits.float(), dim=-1)
-                    divergence += float((probs * (ref - logp)).sum())
-            store = getattr(cache.layers[layer], "key_store" if role == "keys" else "value_store")
-            elements = store.held_tokens() * cache.geometry.head_dim
-        if not elements:
-            raise KVCompressError(
-                f"layer {layer} {role}: no token was compressed in the calibration windows; raise --context above "
-                f"the window + sinks ({layout['window']} + {layout['sinks']})"
-            )
-        kl[layer][role].append(divergence)
-        bits[layer][role].append(8 * store.payload_nbytes() / elements)
+        cache = DynamicCache(config=model.config)
+        # (log-probabilities, probabilities) per forward, the exponent taken once rather than in every probe
+        references = [(ref, ref.exp()) for ref in (F.log_softmax(lg.float(), dim=-1) for lg, _ in continuation_logits(model, windows, protocol, cache))]
+    del cache
+
+    def divergence(logits: "torch.Tensor", reference: tuple["torch.Tensor", "torch.Tensor"]) -> float:
+        ref, probs = reference
+        return float((probs * (ref - F.log_softmax(logits.float(), dim=-1))).sum())
+
+    kl = [{role: [] for role in ROLES} for _ in range(geometry.num_layers)]
+    bits = [{role: [] for role in ROLES} for _ in range(geometry.num_layers)]
+    trials = [(layer, role, option) for layer in range(geometry.num_layers) for role in ROLES for option in options[role]]
+    cache_bytes = 2 * 4 * geometry.num_layers * geometry.kv_heads * geometry.head_dim * windows.numel()
+    group = max(1, PROBE_GROUP_BYTES // cache_bytes)
+    with tqdm(total=len(trials), desc="sensitivity", unit="trial", disable=not progress) as bar:
+        for start in range(0, len(trials), group):
+            batch = trials[start : start + group]
+            specs = [probe_spec(layout, layer, role, option, protocol.tokens) for layer, role, option in batch]
+            with kvcompress.patch(model, specs[0]) as patched, torch.inference_mode():
+                caches = [patched.cache(spec) for spec in specs]
+                first = divergence(prefill_logits(model, windows[:, : protocol.context], PrefillFanout(caches)), references[0])
+                for (layer, role, _), cache in zip(batch, caches):
+                    total = first + sum(
+                        divergence(logits, reference)
+                        for (logits, _), reference in zip(chunk_logits(model, windows, protocol, cache), references[1:])
+                    )
+                    store = getattr(cache.layers[layer], "key_store" if role == "keys" else "value_store")
+                    elements = store.held_tokens() * geometry.head_dim
+                    if not elements:
+                        raise KVCompressError(
+                            f"layer {layer} {role}: no token was compressed in the calibration windows; raise --context "
+                            f"above the window + sinks ({layout['window']} + {layout['sinks']})"
+                        )
+                    kl[layer][role].append(total)
+                    bits[layer][role].append(8 * store.payload_nbytes() / elements)
+                    bar.update(1)
+            del caches
     return Sensitivity(options=options, kl=kl, bits=bits)
 
 
