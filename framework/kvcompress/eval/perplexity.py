@@ -220,7 +220,8 @@ def evaluate_perplexity(
                     nll = row_nll(continuation_logits(model, group, protocol, cache), lambda: bar.update(1))
                     seconds[i] += time.perf_counter() - started
                     window_nll[i] += nll.tolist()
-                    figures.setdefault(i, cache_figures(model, cache, rows=group.shape[0]))
+                    if i not in figures:  # the first batch: a full one when there are several
+                        figures[i] = cache_figures(model, cache, rows=group.shape[0])
             if not compressed:
                 continue
             with ExitStack() as stack, torch.inference_mode():
@@ -237,7 +238,8 @@ def evaluate_perplexity(
                     nll = first + row_nll(chunk_logits(model, group, protocol, cache), lambda: bar.update(1))
                     seconds[i] += time.perf_counter() - started + shared
                     window_nll[i] += nll.tolist()
-                    figures.setdefault(i, cache_figures(model, cache, rows=group.shape[0]))
+                    if i not in figures:
+                        figures[i] = cache_figures(model, cache, rows=group.shape[0])
     rows: list[dict[str, Any]] = []
     for i, runner in enumerate(runners):
         scored = protocol.windows * protocol.continuation
