@@ -159,6 +159,7 @@ def measure(
     from transformers import DynamicCache
 
     import kvcompress
+    from kvcompress.eval.footprint import fp16_nbytes
     from kvcompress.eval.perplexity import chunk_logits, continuation_logits, prefill_logits
     from kvcompress.hf.cache import model_geometry
     from kvcompress.hf.fanout import PrefillFanout
@@ -167,7 +168,8 @@ def measure(
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         # (log-probabilities, probabilities) per forward, the exponent taken once rather than in every probe
-        references = [(ref, ref.exp()) for ref in (F.log_softmax(lg.float(), dim=-1) for lg, _ in continuation_logits(model, windows, protocol, cache))]
+        log_probs = (F.log_softmax(logits.float(), dim=-1) for logits, _ in continuation_logits(model, windows, protocol, cache))
+        references = [(ref, ref.exp()) for ref in log_probs]
     del cache
 
     def divergence(logits: "torch.Tensor", reference: tuple["torch.Tensor", "torch.Tensor"]) -> float:
@@ -177,15 +179,15 @@ def measure(
     kl = [{role: [] for role in ROLES} for _ in range(geometry.num_layers)]
     bits = [{role: [] for role in ROLES} for _ in range(geometry.num_layers)]
     trials = [(layer, role, option) for layer in range(geometry.num_layers) for role in ROLES for option in options[role]]
-    cache_bytes = 2 * 4 * geometry.num_layers * geometry.kv_heads * geometry.head_dim * windows.numel()
-    group = max(1, PROBE_GROUP_BYTES // cache_bytes)
+    float32_bytes = 2 * fp16_nbytes(model, protocol.tokens, batch=windows.shape[0])  # a probe's cache, all in float32
+    group = max(1, PROBE_GROUP_BYTES // float32_bytes)
     with tqdm(total=len(trials), desc="sensitivity", unit="trial", disable=not progress) as bar:
         for start in range(0, len(trials), group):
             batch = trials[start : start + group]
             specs = [probe_spec(layout, layer, role, option, protocol.tokens) for layer, role, option in batch]
             with kvcompress.patch(model, specs[0]) as patched, torch.inference_mode():
                 caches = [patched.cache(spec) for spec in specs]
-                first = divergence(prefill_logits(model, windows[:, : protocol.context], PrefillFanout(caches)), references[0])
+                first = divergence(prefill_logits(model, windows, protocol, PrefillFanout(caches))[0], references[0])
                 for (layer, role, _), cache in zip(batch, caches):
                     total = first + sum(
                         divergence(logits, reference)

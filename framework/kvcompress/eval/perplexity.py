@@ -94,10 +94,16 @@ def shared_context_logits(
         yield out.logits, rows[:, start + 1 : stop + 1]
 
 
-def prefill_logits(model: Any, contexts: "torch.Tensor", cache: Any) -> "torch.Tensor":
-    """The logits [rows, 1, vocab] of the last position of each context [rows, context], prefilled through
-    `cache` (a PrefillFanout fills several caches at once). Call under torch.inference_mode."""
-    return model(input_ids=contexts.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+def prefill_logits(
+    model: Any, input_ids: "torch.Tensor", protocol: Protocol, cache: Any
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(logits [rows, 1, vocab], targets [rows, 1]) of the windows' contexts, `input_ids` [rows, tokens],
+    prefilled through `cache` (a PrefillFanout fills several caches at once): the last context position
+    predicts the first continuation token. Call under torch.inference_mode."""
+    input_ids = input_ids.to(model.device)
+    context = protocol.context
+    out = model(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits, input_ids[:, context : context + 1]
 
 
 def chunk_logits(
@@ -119,8 +125,7 @@ def continuation_logits(
     under torch.inference_mode."""
     if input_ids.dim() != 2 or input_ids.shape[1] != protocol.tokens:
         raise ValueError(f"input_ids must have shape (rows, {protocol.tokens}), got {tuple(input_ids.shape)}")
-    context = protocol.context
-    yield prefill_logits(model, input_ids[:, :context], cache), input_ids[:, context : context + 1].to(model.device)
+    yield prefill_logits(model, input_ids, protocol, cache)
     yield from chunk_logits(model, input_ids, protocol, cache)
 
 
@@ -228,8 +233,7 @@ def evaluate_perplexity(
                 bar.set_postfix_str("prefill")
                 caches = [stack.enter_context(runners[i].session(model))() for i in compressed]
                 started = time.perf_counter()
-                logits = prefill_logits(model, group[:, : protocol.context], PrefillFanout(caches))
-                first = row_nll(iter([(logits, group[:, protocol.context : protocol.context + 1].to(model.device))]))
+                first = row_nll(iter([prefill_logits(model, group, protocol, PrefillFanout(caches))]))
                 shared = (time.perf_counter() - started) / len(compressed)
                 bar.update(1)
                 for i, cache in zip(compressed, caches):
@@ -240,9 +244,9 @@ def evaluate_perplexity(
                     window_nll[i] += nll.tolist()
                     if i not in figures:
                         figures[i] = cache_figures(model, cache, rows=group.shape[0])
+    scored = protocol.windows * protocol.continuation
     rows: list[dict[str, Any]] = []
     for i, runner in enumerate(runners):
-        scored = protocol.windows * protocol.continuation
         window_ppl = [math.exp(nll / protocol.continuation) for nll in window_nll[i]]
         ppl = math.exp(sum(window_nll[i]) / scored)
         baseline = rows[0] if rows else {"ppl": ppl, "window_ppl": window_ppl}

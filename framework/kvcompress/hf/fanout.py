@@ -107,7 +107,6 @@ class PrefillFanout(Cache):
         for cache in caches:
             if cache.get_seq_length() or any(not isinstance(layer, CompressedLayer) for layer in cache.layers):
                 raise KVCompressError("PrefillFanout fills empty caches; one of these already holds tokens")
-        self.caches = caches
         super().__init__(layers=[FanoutLayer(list(layers)) for layers in zip(*(cache.layers for cache in caches))])
 
     def split_rows(self, index: int, starts: list[int]) -> Any:

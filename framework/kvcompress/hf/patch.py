@@ -38,14 +38,16 @@ from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec
 
 PATCH_ATTRIBUTE = "_kvcompress_patch"
+# The caches a patched forward drives: a spec's, or several specs' sharing one prefill.
+KVCOMPRESS_CACHES = (CompressedCache, PrefillFanout)
 
 
 def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | PrefillFanout | None:
     """The kvcompress cache among an attention module's arguments (past_key_values in transformers 5)."""
     cache = kwargs.get("past_key_values")
-    if isinstance(cache, (CompressedCache, PrefillFanout)):
+    if isinstance(cache, KVCOMPRESS_CACHES):
         return cache
-    return next((a for a in (*args, *kwargs.values()) if isinstance(a, (CompressedCache, PrefillFanout))), None)
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, KVCOMPRESS_CACHES)), None)
 
 
 def _before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
