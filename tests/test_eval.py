@@ -23,7 +23,7 @@ import kvcompress  # noqa: E402
 from kvcompress.errors import KVCompressError, SpecError  # noqa: E402
 from kvcompress.eval import command, needle, ruler, ruler_tasks  # noqa: E402
 from kvcompress.eval.perplexity import (  # noqa: E402
-    Protocol, continuation_nll, continuation_scores, evaluate_perplexity, tokenize_text,
+    Protocol, continuation_logits, continuation_nll, continuation_scores, evaluate_perplexity, token_nll, tokenize_text,
 )
 from kvcompress.eval.report import format_table  # noqa: E402
 from kvcompress.eval.runners import BASELINE, Runner  # noqa: E402
@@ -107,6 +107,18 @@ def test_windows_pool_their_tokens_and_report_the_spread_of_the_deltas(model, to
     deltas = [100 * (c / b - 1) for c, b in zip(compressed["window_ppl"], baseline["window_ppl"])]
     assert compressed["window_delta_pct"] == pytest.approx(deltas)
     assert compressed["delta_spread_pct"] == pytest.approx(statistics.stdev(deltas))
+    # the standard error of the pooled delta, from each scored token's NLL under both caches
+    with torch.inference_mode(), kvcompress.patch(model, spec) as patched:
+        nll = {
+            "baseline": token_nll(continuation_logits(model, ids, protocol, DynamicCache(config=model.config))),
+            "kivi-2": token_nll(continuation_logits(model, ids, protocol, patched.cache())),
+        }
+    differences = (nll["kivi-2"] - nll["baseline"]).flatten()
+    assert differences.shape == (27,) and baseline["delta_stderr_pct"] == 0
+    ratio = compressed["ppl"] / baseline["ppl"]
+    assert ratio == pytest.approx(math.exp(differences.mean().item()))
+    assert compressed["delta_stderr_pct"] == pytest.approx(100 * ratio * differences.std().item() / math.sqrt(27))
+    assert compressed["delta_stderr_pct"] > 0
 
 
 def test_batches_of_windows_and_a_shared_prefill_give_what_each_spec_gets_alone(model, tokenizer, text):
@@ -299,7 +311,7 @@ def test_eval_writes_the_table_and_json(model_dir, tmp_path, capsys):
     assert header["protocol"] == {"context": 40, "continuation": 12, "chunk": 5, "windows": 2}
     assert header["versions"]["torch"] == torch.__version__ and header["machine"]["cpu_count"] >= 1
     fields = {"name", "bits_per_element", "key_bits", "value_bits", "ppl", "baseline_ppl", "delta_pct",
-              "delta_spread_pct", "window_ppl", "window_delta_pct", "cache_bytes", "fp16_bytes", "seconds"}
+              "delta_spread_pct", "delta_stderr_pct", "window_ppl", "window_delta_pct", "cache_bytes", "fp16_bytes", "seconds"}
     assert all(fields <= set(row) for row in rows)
     assert [r["name"] for r in rows] == [BASELINE, "float32"]
 

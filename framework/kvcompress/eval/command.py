@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--windows", type=int, default=4,
         help="ppl: disjoint slices of the text, each context + continuation tokens with a fresh cache; the table "
-        "pools them and shows the spread of the per-window deltas (default 4)",
+        "pools them and shows the spread of the per-window deltas (+-) and the standard error of the pooled delta "
+        "(se: how far another seed of the method would move it) (default 4)",
     )
     parser.add_argument(
         "--batch", type=int, default=8,

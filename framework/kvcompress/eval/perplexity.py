@@ -7,7 +7,11 @@ Protocol (chunked decoding, so the continuation really reads the compressed cach
     3. perplexity = exp(mean NLL over exactly `continuation` tokens).
 The protocol runs on `windows` disjoint consecutive slices of the text, each with a fresh cache; the
 reported perplexity pools every scored token, and the spread of the per-window deltas says how much one
-slice of text moves a figure (a single 256-token window moves a method by several percent).
+slice of text moves a figure (a single 256-token window moves a method by several percent). The standard error
+of the pooled delta, from the per-token NLL differences against the baseline, says how much the figure itself
+would move with another draw of the method's error (another rotation seed): about 16 % of perplexity over the
+square root of the tokens scored at 3 bits on SmolLM2, so a figure settles to within 0.3 % only over several
+thousand tokens (docs/results.md).
 The baseline runs the same protocol with a transformers DynamicCache and the model's own attention.
 Windows run side by side, a batch at a time, and the specs share each batch's prefill: a prompt over an
 empty cache attends in full precision to itself whatever the spec, so one forward fills every spec's cache
@@ -153,19 +157,19 @@ def continuation_scores(
     return [(scores[row, :length], hits[row, :length]) for row, length in enumerate(lengths)]
 
 
-def row_nll(steps: Iterator[tuple["torch.Tensor", "torch.Tensor"]], step: Callable[[], None] | None = None) -> "torch.Tensor":
-    """Summed negative log-likelihood [rows] (float64) of the targets of each row over the forwards `steps`
-    yields ((logits [rows, n, vocab], targets [rows, n])); `step` is called after each forward."""
+def token_nll(steps: Iterator[tuple["torch.Tensor", "torch.Tensor"]], step: Callable[[], None] | None = None) -> "torch.Tensor":
+    """Negative log-likelihood [rows, targets] (float64) of each target of each row over the forwards `steps`
+    yields ((logits [rows, n, vocab], targets [rows, n])), in order; `step` is called after each forward."""
     import torch
     import torch.nn.functional as F
 
-    total = torch.zeros((), dtype=torch.float64)  # broadcasts to [rows] at the first forward (none: 0)
+    parts = []
     for logits, targets in steps:
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        total = total + nll.view(targets.shape).double().sum(-1)
+        parts.append(nll.view(targets.shape).double())
         if step is not None:
             step()
-    return total
+    return torch.cat(parts, 1) if parts else torch.zeros(0, 0, dtype=torch.float64)
 
 
 def continuation_nll(
@@ -183,7 +187,7 @@ def continuation_nll(
     import torch
 
     with torch.inference_mode():
-        nll = row_nll(continuation_logits(model, input_ids, protocol, cache), step)
+        nll = token_nll(continuation_logits(model, input_ids, protocol, cache), step)
     return nll.sum().item(), input_ids.shape[0] * protocol.continuation
 
 
@@ -212,7 +216,7 @@ def evaluate_perplexity(
     chunks = len(protocol.chunks())
     groups = input_ids.split(batch)
     steps = len(groups) * (len(dense) * (1 + chunks) + (1 + len(compressed) * chunks if compressed else 0))
-    window_nll: list[list[float]] = [[] for _ in runners]
+    window_nll: list[list[torch.Tensor]] = [[] for _ in runners]  # per batch: [rows, continuation] float64
     seconds = [0.0] * len(runners)
     figures: dict[int, dict[str, Any]] = {}
     with progress(total=steps, desc="perplexity") as bar:
@@ -222,9 +226,9 @@ def evaluate_perplexity(
                 with runners[i].session(model) as new_cache, torch.inference_mode():
                     started = time.perf_counter()
                     cache = new_cache()
-                    nll = row_nll(continuation_logits(model, group, protocol, cache), lambda: bar.update(1))
+                    nll = token_nll(continuation_logits(model, group, protocol, cache), lambda: bar.update(1))
                     seconds[i] += time.perf_counter() - started
-                    window_nll[i] += nll.tolist()
+                    window_nll[i].append(nll)
                     if i not in figures:  # the first batch: a full one when there are several
                         figures[i] = cache_figures(model, cache, rows=group.shape[0])
             if not compressed:
@@ -233,22 +237,23 @@ def evaluate_perplexity(
                 bar.set_postfix_str("prefill")
                 caches = [stack.enter_context(runners[i].session(model))() for i in compressed]
                 started = time.perf_counter()
-                first = row_nll(iter([prefill_logits(model, group, protocol, PrefillFanout(caches))]))
+                first = token_nll(iter([prefill_logits(model, group, protocol, PrefillFanout(caches))]))
                 shared = (time.perf_counter() - started) / len(compressed)
                 bar.update(1)
                 for i, cache in zip(compressed, caches):
                     bar.set_postfix_str(runners[i].name)
                     started = time.perf_counter()
-                    nll = first + row_nll(chunk_logits(model, group, protocol, cache), lambda: bar.update(1))
+                    nll = torch.cat([first, token_nll(chunk_logits(model, group, protocol, cache), lambda: bar.update(1))], 1)
                     seconds[i] += time.perf_counter() - started + shared
-                    window_nll[i] += nll.tolist()
+                    window_nll[i].append(nll)
                     if i not in figures:
                         figures[i] = cache_figures(model, cache, rows=group.shape[0])
     scored = protocol.windows * protocol.continuation
+    token_nlls = [torch.cat(parts) for parts in window_nll]
     rows: list[dict[str, Any]] = []
     for i, runner in enumerate(runners):
-        window_ppl = [math.exp(nll / protocol.continuation) for nll in window_nll[i]]
-        ppl = math.exp(sum(window_nll[i]) / scored)
+        window_ppl = [math.exp(nll / protocol.continuation) for nll in token_nlls[i].sum(1).tolist()]
+        ppl = math.exp(token_nlls[i].sum().item() / scored)
         baseline = rows[0] if rows else {"ppl": ppl, "window_ppl": window_ppl}
         window_delta = [100 * (p - b) / b for p, b in zip(window_ppl, baseline["window_ppl"])]
         rows.append({
@@ -259,6 +264,7 @@ def evaluate_perplexity(
             "baseline_ppl": baseline["ppl"],
             "delta_pct": 100 * (ppl - baseline["ppl"]) / baseline["ppl"],
             "delta_spread_pct": statistics.stdev(window_delta) if len(window_delta) > 1 else 0.0,
+            "delta_stderr_pct": delta_stderr(token_nlls[i] - token_nlls[0], ppl / baseline["ppl"]),
             "window_ppl": window_ppl,
             "window_delta_pct": window_delta,
             "cache_bytes": figures[i]["cache_bytes"],
@@ -267,6 +273,18 @@ def evaluate_perplexity(
             "tokens_scored": scored,
         })
     return rows
+
+
+def delta_stderr(differences: "torch.Tensor", ratio: float) -> float:
+    """Standard error, in percent of the reference's perplexity, of a pooled delta 100 (ratio - 1), ratio =
+    exp(mean of `differences`): the per-token NLL differences from the reference (all scored tokens, any
+    shape). A method's quantization error moves each token's NLL by a mostly independent amount (another
+    seed of the same method: correlation about 0.2 on SmolLM2), so the figure moves between seeds by about
+    this much; it shrinks as one over the square root of the tokens scored."""
+    n = differences.numel()
+    if n < 2:
+        return 0.0
+    return 100 * ratio * differences.double().std().item() / math.sqrt(n)
 
 
 def format_perplexity_table(rows: list[dict[str, Any]]) -> str:
@@ -279,6 +297,7 @@ def format_perplexity_table(rows: list[dict[str, Any]]) -> str:
         ("baseline", "baseline_ppl", "{:.3f}"),
         ("delta %", "delta_pct", "{:+.2f}"),
         ("+-", "delta_spread_pct", "{:.2f}"),
+        ("se", "delta_stderr_pct", "{:.2f}"),
         ("cache KiB", "cache_bytes", "{:.1f}"),
         ("fp16 KiB", "fp16_bytes", "{:.1f}"),
         ("seconds", "seconds", "{:.1f}"),
