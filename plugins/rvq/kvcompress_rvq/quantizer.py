@@ -1,7 +1,8 @@
 """The rvq quantizer: std scaling, channel groups, residual codes packed at log2(codebook_size) bits.
 
 State of a block of tokens [b, h, t, d]:
-    scale: fp16 [b, h, t]           the standard deviation of each vector over head_dim
+    scale: fp16 [b, h, t]           the standard deviation of each vector over head_dim, or (scale
+                                    "preserve") what makes the decoded vector as long as the input
     codes: uint8 [b, h, t, bytes]   groups x depth codes per token, code m = group * depth + level, packed
                                     LSB-first at log2(codebook_size) bits (kvcompress_kernels.bitpack)
 """
@@ -75,6 +76,16 @@ def normalized_groups(x: torch.Tensor, grouping: Grouping) -> tuple[torch.Tensor
     return scale, grouping.split(x.float() / divisor.unsqueeze(-1))
 
 
+def norm_preserving_scale(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp16 [...] scale at which the codes [..., groups, depth] of vectors x [..., d], searched at `scale`
+    (vector_scale), decode to x's L2 norm: |x| / |sum of the codewords|. Where the codewords sum to zero, or
+    the vector decodes to zeros anyway (scale 0), `scale` is kept."""
+    decoded = residual_decode(codes, codebooks).flatten(-2).norm(dim=-1)
+    preserved = x.float().norm(dim=-1) / decoded.clamp_min(torch.finfo(torch.float32).tiny)
+    keep = (decoded == 0) | (scale == 0)
+    return torch.where(keep, scale.float(), preserved).clamp(max=FP16_MAX).half()
+
+
 @dataclass(frozen=True)
 class RVQCodebooks:
     """One layer's and role's codebooks: codewords [depth, codebook_size, group] (fp16 as calibrated).
@@ -124,9 +135,10 @@ def check_codebooks(codebook: object, spec, ctx: LayerContext) -> torch.Tensor:
 class RVQQuantizer(Quantizer):
     """Residual vector quantization of each token vector (see the module docstring for the state)."""
 
-    def __init__(self, codewords: torch.Tensor, grouping: Grouping):
+    def __init__(self, codewords: torch.Tensor, grouping: Grouping, preserve_norm: bool = False):
         self.codewords = codewords  # [depth, size, group], held in the dtype it came in (fp16 from a file)
         self.grouping = grouping
+        self.preserve_norm = preserve_norm
         self.depth, self.codebook_size, _ = codewords.shape
         self.bits = int(math.log2(self.codebook_size))
         self.codes_per_token = grouping.groups * self.depth
@@ -139,7 +151,8 @@ class RVQQuantizer(Quantizer):
                 f"rvq quantizer: group {spec.group} does not divide head_dim {ctx.head_dim}; set `group` to a "
                 f"divisor of {ctx.head_dim}"
             )
-        return cls(check_codebooks(ctx.codebook, spec, ctx), Grouping(ctx.head_dim, spec.group, spec.layout))
+        grouping = Grouping(ctx.head_dim, spec.group, spec.layout)
+        return cls(check_codebooks(ctx.codebook, spec, ctx), grouping, preserve_norm=spec.scale == "preserve")
 
     def codebooks_on(self, device: torch.device) -> torch.Tensor:
         """The codewords on `device` in float32 (copied and widened once per device)."""
@@ -161,6 +174,8 @@ class RVQQuantizer(Quantizer):
         scale, groups = normalized_groups(x, self.grouping)
         codebooks = self.codebooks_on(x.device)
         codes = residual_encode(groups.reshape(-1, self.grouping.group), codebooks)
+        if self.preserve_norm:
+            scale = norm_preserving_scale(x, codes.reshape(b, h, t, -1, self.depth), codebooks, scale)
         codes = codes.reshape(b, h, t, self.codes_per_token)
         return PackedState(
             tensors={"scale": scale.contiguous(), "codes": pack_bits(codes, self.bits).contiguous()},

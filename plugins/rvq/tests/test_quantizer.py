@@ -102,6 +102,40 @@ def test_zero_tiny_and_constant_vectors_decode_near_themselves():
         assert relative_error(x[0, 0, row], out[0, 0, row]) < 1.0
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_norm_preserving_scale_keeps_the_codes_and_the_bits_and_decodes_to_the_input_norm(depth):
+    """scale "preserve": the same codes as "std" (the search runs at the standard deviation either way), the
+    same bytes, and each decoded vector as long as its input (to fp16's rounding of the scale), where the
+    nearest codewords decode short; zero vectors still decode to zeros."""
+    codebooks = learned(depth, 256, 8, "contiguous")
+    grouping = Grouping(64, 8, "contiguous")
+    std, preserve = RVQQuantizer(codebooks.codewords, grouping), RVQQuantizer(codebooks.codewords, grouping, preserve_norm=True)
+    x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(3))
+    x[0, 1, 5] = 0.0
+    plain, kept = std.encode(x), preserve.encode(x)
+    assert torch.equal(plain.tensors["codes"], kept.tensors["codes"]) and plain.nbytes() == kept.nbytes()
+    short, exact = std.decode(plain).norm(dim=-1), preserve.decode(kept).norm(dim=-1)
+    lengths = x.norm(dim=-1)
+    live = lengths > 0
+    torch.testing.assert_close(exact[live], lengths[live], rtol=2e-3, atol=0)  # fp16 scale: 11 bits
+    assert (short[live] / lengths[live]).mean() < 0.97  # the std scale decodes short on average
+    assert exact[0, 1, 5] == 0
+
+
+def test_rvq_spec_scale_chooses_the_stored_scale():
+    codewords = learned(1, 256, 8, "contiguous")
+    x = torch.randn(1, 2, 16, 64, generator=torch.Generator().manual_seed(4))
+    decoded = {}
+    for scale in ("std", "preserve"):
+        codec = make_codec(spec(depth=1, codebook_size=256, group=8, layout="contiguous", scale=scale), codebook=lambda c: codewords)
+        decoded[scale] = codec.decode(codec.encode(x))
+    torch.testing.assert_close(decoded["preserve"].norm(dim=-1), x.norm(dim=-1), rtol=2e-3, atol=0)
+    # not a smaller error (a longer decoded vector errs more), but no shrinking of logits and value mixes
+    assert (decoded["std"].norm(dim=-1) / x.norm(dim=-1)).mean() < 0.97
+    with pytest.raises(ValueError, match="scale"):
+        RVQSpec(**spec(scale="rms"))
+
+
 def test_group_must_divide_head_dim():
     with pytest.raises(ValueError, match="group 24 does not divide head_dim 64"):
         make_codec(spec(group=24), codebook=lambda c: torch.zeros(3, 32, 24))
