@@ -146,6 +146,46 @@ def test_tune_writes_a_spec_that_meets_the_budget_by_the_caches_own_accounting(m
     assert (tmp_path / "tuned-2.5.yaml").read_text() == first
 
 
+def test_a_candidate_with_codebooks_tunes_into_a_spec_in_another_directory(model_dir, tmp_path):
+    """A candidate names its codebook file relative to itself; the tuned spec, written elsewhere, names the
+    same file relative to itself (MethodSpec.relocated), so it loads and runs."""
+    pytest.importorskip("kvcompress_rvq", reason="the codebook candidate is an rvq pipeline")
+    (tmp_path / "candidates").mkdir()
+    role = {
+        "transform": {"method": "hadamard", "seed": 0},
+        "quantizer": {"method": "rvq", "depth": 1, "codebook_size": 16, "group": 4, "layout": "contiguous",
+                      "scale": "preserve"},
+        "estimator": {"method": "rvq-lut"},
+        "codebook": {"method": "kmeans", "path": "../codebooks/{model}-vq.safetensors", "samples": 256, "iterations": 2},
+    }
+    vq = tmp_path / "candidates" / "vq.yaml"
+    vq.write_text(yaml.safe_dump({"name": "vq", "window": 4, "compress_run": 4, "keys": role, "values": role}))
+    codebooks = tmp_path / "codebooks" / f"{model_dir.name}-vq.safetensors"
+    codebooks.parent.mkdir()
+    assert main(["calibrate", str(vq), "--model", str(model_dir), "--out", str(codebooks), "--tokens", "256",
+                 "--context", "64", "--quiet"]) == 0
+    (tmp_path / "out").mkdir()
+    assert main(["tune", str(candidate(tmp_path / "candidates", 4)), str(vq), "--budget", "3", "--out",
+                 str(tmp_path / "out" / "tuned.yaml"), "--model", str(model_dir), "--context", "48", "--continuation",
+                 "12", "--chunk", "4", "--windows", "1", "--quiet"]) == 0
+    spec = load_spec(tmp_path / "out" / "tuned.yaml")
+    paths = {spec.layer(i).values.codebook.path for i in range(2) if spec.layer(i).values.codebook is not None}
+    paths |= {spec.layer(i).keys.codebook.path for i in range(2) if spec.layer(i).keys.codebook is not None}
+    assert paths == {"../codebooks/{model}-vq.safetensors"}  # 3 bits: between vq (1.5 b) and lm4 (5 b)
+    from kvcompress.hf.loading import load_model
+
+    model, _ = load_model(str(model_dir))
+    with kvcompress.patch(model, spec) as patched, torch.inference_mode():
+        cache = patched.cache()
+        model(input_ids=torch.randint(0, 300, (1, 32)), past_key_values=cache, use_cache=True)
+    assert cache.compressed_tokens() > 0
+    # an absolute path stays as it is
+    stage = kvcompress.load_spec(vq).values.codebook
+    absolute = stage.model_copy(update={"path": str(codebooks)})
+    assert absolute.relocated(vq.parent, tmp_path / "out") is absolute
+    assert stage.relocated(vq.parent, tmp_path).path == "codebooks/{model}-vq.safetensors"
+
+
 def test_tune_refuses_the_evaluation_text_before_loading_the_model(tmp_path, capsys):
     if not eval_text.DEFAULT_TEXT.is_file():
         pytest.skip(f"{eval_text.DEFAULT_TEXT} is not on this system")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +32,12 @@ class MethodSpec(BaseModel):
                 if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
                     raise ValueError(f"{name}: {value!r} is a boolean; this field takes {_describe(field.annotation)}")
         return data
+
+    def relocated(self, source_dir: Path, target_dir: Path) -> "MethodSpec":
+        """This stage as a spec file in `target_dir` must write it to mean what it means in a spec file in
+        `source_dir` (`kvcompress tune` writes candidates' stages into a spec elsewhere). Methods whose fields
+        name files relative to the spec file override this to rewrite them; the rest have nothing to move."""
+        return self
 
 
 class EvictionSpec(MethodSpec):

@@ -89,6 +89,15 @@ class Option:
         }
         return {**stages, "center": self.pipeline.center} if self.pipeline.center else stages
 
+    def relocated(self, target_dir: Path) -> "Option":
+        """This option as a spec file in `target_dir` writes it: file paths its stages name relative to the
+        candidate's own file rewritten to lead to the same files from there (MethodSpec.relocated)."""
+        source_dir = Path(self.source).resolve().parent
+        moved = {
+            name: stage.relocated(source_dir, target_dir) for name in STAGES if (stage := getattr(self.pipeline, name)) is not None
+        }
+        return Option(self.source, self.pipeline.model_copy(update=moved))
+
     def override(self, default: "Option") -> dict[str, Any]:
         """This option as a layer override of `default`: its stages, and `center: false` where only the default
         centers (an override inherits what it leaves out)."""
@@ -345,12 +354,6 @@ def run(args: argparse.Namespace) -> int:
     for out in outs:
         if not out.parent.is_dir():
             raise KVCompressError(f"--out {out}: the directory {out.parent} does not exist")
-        for option in (o for role in ROLES for o in options[role] if o.pipeline.codebook is not None):
-            if Path(option.source).resolve().parent != out.parent.resolve():
-                raise KVCompressError(
-                    f"--out {out}: {option.source} names codebook files relative to its own directory; write the "
-                    f"tuned spec there (--out {Path(option.source).parent / out.name}) so its paths resolve the same way"
-                )
     from kvcompress.hf.cache import check_spec
     from kvcompress.hf.loading import load_config, load_model
 
@@ -386,9 +389,10 @@ def run(args: argparse.Namespace) -> int:
             f"{', '.join(c.source or c.name for c in candidates)}: {predicted_bits:.4f} bits per element, summed KL "
             f"of the layers tried alone {predicted_kl:.4g} nats."
         )
-        data = tuned_spec_data(name, description, layout, options, chosen)
+        written = {role: [option.relocated(out.parent) for option in options[role]] for role in ROLES}
+        data = tuned_spec_data(name, description, layout, written, chosen)
         out.write_text(yaml.safe_dump(data, sort_keys=False, width=110))
-        check_written(load_spec(out), options, chosen)
+        check_written(load_spec(out), written, chosen)
         print(format_choices(found, chosen))
         print(f"wrote {out}: {predicted_bits:.4f} bits per element (budget {budget:g})")
     print(f"tuned in {time.perf_counter() - started:.0f} s")
