@@ -36,6 +36,7 @@ from kvcompress.eval.command import check_unique_names, resolve_device
 from kvcompress.eval.footprint import cache_figures
 from kvcompress.eval.report import run_header
 from kvcompress.eval.runners import BASELINE, Runner
+from kvcompress.hf.keywords import with_cache
 from kvcompress.eval.text import pydoc_text, read_text
 from kvcompress.methods import LayerContext
 from kvcompress.spec import CacheSpec
@@ -77,15 +78,16 @@ def run_once(model: Any, new_cache: Callable[[], Any], prompt: torch.Tensor, ste
     prompt = prompt.to(device)
     with torch.inference_mode():
         cache = new_cache()
+        given = with_cache(model, cache)
         start = _clock(device)
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompt, **given, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1)
         prefill = _clock(device) - start
         figures = cache_figures(model, cache)
         step_seconds = []
         for _ in range(steps):
             start = _clock(device)
-            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=token[:, None], **given, use_cache=True)
             token = out.logits[:, -1].argmax(-1)
             step_seconds.append(_clock(device) - start)
     return {"prefill_s": prefill, "step_s": step_seconds, **figures}

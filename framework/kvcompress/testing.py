@@ -477,6 +477,7 @@ def assert_fused_generation_matches(
     KVCOMPRESS_KERNELS=triton reaches the fused kernel launcher `module.<launcher>` (a reader module's name for
     it) and gives the tokens, and within 1e-4 the logits, that KVCOMPRESS_KERNELS=torch gives."""
     import kvcompress
+    from kvcompress.hf.keywords import with_cache
 
     model = tiny_model("llama").to(device)
     ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(5)).to(device)
@@ -489,7 +490,7 @@ def assert_fused_generation_matches(
     for kernels in ("torch", "triton"):
         monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
         results[kernels] = model.generate(
-            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=kvcompress.cache_for(model, spec),
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **with_cache(model, kvcompress.cache_for(model, spec)),
             output_logits=True, return_dict_in_generate=True,
         )
     assert calls, f"the triton run never reached {launcher}"
@@ -515,6 +516,7 @@ def adapter_rope_views(
 
     from kvcompress.hf.adapters import model_adapter
     from kvcompress.hf.cache import model_geometry
+    from kvcompress.hf.keywords import with_cache
 
     adapter = model_adapter(model, registry)
     geometry = model_geometry(model.config)
@@ -533,8 +535,8 @@ def adapter_rope_views(
     cache = DynamicCache(config=model.config)
     try:
         with torch.no_grad():
-            model(ids[:, :prompt], past_key_values=cache)
-            model(ids[:, prompt:], past_key_values=cache)
+            model(ids[:, :prompt], **with_cache(model, cache))
+            model(ids[:, prompt:], **with_cache(model, cache))
     finally:
         for hook in hooks:
             hook.remove()

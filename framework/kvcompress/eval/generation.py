@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from kvcompress.eval.footprint import cache_figures
 from kvcompress.eval.report import progress
 from kvcompress.eval.runners import Runner
+from kvcompress.hf.keywords import with_cache
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,7 @@ def greedy_reply(model: Any, tokenizer: Any, input_ids: "torch.Tensor", cache: A
         output = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            **with_cache(model, cache),
             generation_config=config,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()

@@ -31,6 +31,7 @@ from kvcompress.errors import KVCompressError
 from kvcompress.eval.footprint import cache_figures
 from kvcompress.eval.report import format_table, progress
 from kvcompress.eval.runners import Runner
+from kvcompress.hf.keywords import with_cache
 
 if TYPE_CHECKING:
     import torch
@@ -88,13 +89,13 @@ def shared_context_logits(
     predicting the next tokens from the cache of everything before it. Causal attention keeps what follows a
     row's end (padding of a shorter row) out of that row's scores. Call under torch.inference_mode."""
     rows = rows.to(model.device)
-    out = model(input_ids=context[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=context[None].to(model.device), **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     yield out.logits.expand(rows.shape[0], -1, -1), rows[:, :1]
     if rows.shape[0] > 1:
         cache.batch_repeat_interleave(rows.shape[0])
     for start in range(0, rows.shape[1] - 1, chunk):
         stop = min(start + chunk, rows.shape[1] - 1)
-        out = model(input_ids=rows[:, start:stop], past_key_values=cache, use_cache=True)
+        out = model(input_ids=rows[:, start:stop], **with_cache(model, cache), use_cache=True)
         yield out.logits, rows[:, start + 1 : stop + 1]
 
 
@@ -106,7 +107,7 @@ def prefill_logits(
     predicts the first continuation token. Call under torch.inference_mode."""
     input_ids = input_ids.to(model.device)
     context = protocol.context
-    out = model(input_ids=input_ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids[:, :context], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits, input_ids[:, context : context + 1]
 
 
@@ -117,7 +118,7 @@ def chunk_logits(
     [rows, tokens], fed through `cache`, which holds their contexts. Call under torch.inference_mode."""
     input_ids = input_ids.to(model.device)
     for start, stop in protocol.chunks():
-        out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids[:, start:stop], **with_cache(model, cache), use_cache=True)
         yield out.logits, input_ids[:, start + 1 : stop + 1]
 
 

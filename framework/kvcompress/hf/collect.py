@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kvcompress.errors import KVCompressError
+from kvcompress.hf.keywords import with_cache
 
 
 def collect_kv(
@@ -42,7 +43,7 @@ def collect_kv(
             # No config: every layer keeps every position. A config's sliding-window layers would keep only their
             # last window (Gemma-3: 511 of 1024 positions); the model's mask slides either way.
             cache = DynamicCache()
-            model(input_ids=window, past_key_values=cache, use_cache=True)
+            model(input_ids=window, **with_cache(model, cache), use_cache=True)
             if not keys:
                 keys = [[] for _ in cache.layers]
                 values = [[] for _ in cache.layers]

@@ -1,7 +1,7 @@
 """One prompt prefilled into several empty CompressedCaches by a single forward.
 
     caches = [patched.cache(spec) for spec in specs]          # all built for the same patched model
-    model(input_ids=prompt, past_key_values=PrefillFanout(caches), use_cache=True)
+    model(input_ids=prompt, **with_cache(model, PrefillFanout(caches)), use_cache=True)
     # each cache now holds the prompt as its own spec stores it; decode with each on its own
 
 A prompt's forward over empty caches attends in full precision to its own tokens only (exact_new_tokens),
@@ -90,7 +90,7 @@ class FanoutLayer(SeenLayer):
 
 class PrefillFanout(Cache):
     """Several empty CompressedCaches of one model, filled with the same prompt by one forward of the patched
-    model (pass it as past_key_values). Only the prefill: a second forward through it raises."""
+    model (pass it as the model's cache, kvcompress.hf.keywords.with_cache). Only the prefill: a second forward through it raises."""
 
     def __init__(self, caches: list[CompressedCache]):
         if not caches:

@@ -34,6 +34,7 @@ from kvcompress.errors import KVCompressError
 from kvcompress.eval.perplexity import continuation_scores
 from kvcompress.eval.runners import BASELINE, Runner
 from kvcompress.hf.cache import resolve_spec
+from kvcompress.hf.keywords import with_cache
 from kvcompress.hf.loading import DEFAULT_MODEL, load_model
 from kvcompress.spec import CacheSpec
 
@@ -153,7 +154,8 @@ class KVCompressLM(HFLM):
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
     ) -> torch.Tensor:
         """HFLM's generation, through a fresh cache: every token after the first reads it."""
-        return super()._model_generate(context, max_length, stop, past_key_values=self.new_cache(), **generation_kwargs)
+        cache = with_cache(self.model, self.new_cache())
+        return super()._model_generate(context, max_length, stop, **cache, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         """What the results record about the model: kvcompress's name for it, the spec, the protocol (no hub lookup)."""

@@ -34,6 +34,7 @@ from kvcompress.hf import attention
 from kvcompress.hf.adapters import UNSUPPORTED_KWARGS_ATTRIBUTE, KeyReader, model_adapter
 from kvcompress.hf.cache import CompressedCache, ModelGeometry, SpecLike, model_geometry, model_name, resolve_spec
 from kvcompress.hf.fanout import PrefillFanout
+from kvcompress.hf.keywords import CACHE_KEYWORDS
 from kvcompress.plugins import Registry
 from kvcompress.spec import CacheSpec
 
@@ -43,10 +44,10 @@ KVCOMPRESS_CACHES = (CompressedCache, PrefillFanout)
 
 
 def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | PrefillFanout | None:
-    """The kvcompress cache among an attention module's arguments (past_key_values in transformers 5)."""
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, KVCOMPRESS_CACHES):
-        return cache
+    """The kvcompress cache among an attention module's arguments (under CACHE_KEYWORDS, else anywhere)."""
+    for keyword in CACHE_KEYWORDS:
+        if isinstance(cache := kwargs.get(keyword), KVCOMPRESS_CACHES):
+            return cache
     return next((a for a in (*args, *kwargs.values()) if isinstance(a, KVCOMPRESS_CACHES)), None)
 
 
