@@ -209,6 +209,19 @@ def test_candidates_must_share_their_layout(tmp_path, capsys):
     assert code == 1 and "candidates must share them" in capsys.readouterr().err
 
 
+def test_candidates_must_compress_in_one_run_whatever_their_blocks(model_dir, tmp_path, capsys):
+    # per-channel keys in groups of 8 tokens hold back 8 at a time where the Lloyd-Max candidates compress every 4
+    channel = tmp_path / "channel.yaml"
+    data = yaml.safe_load(candidate(tmp_path, 2).read_text())
+    data["keys"] = {"quantizer": {"method": "scalar", "bits": 2, "axis": "channel", "group": 8}}
+    channel.write_text(yaml.safe_dump({**data, "name": "channel"}))
+    args = ["--budget", "3", "--out", str(tmp_path / "t.yaml"), "--model", str(model_dir), "--quiet"]
+    assert main(["tune", str(candidate(tmp_path, 2)), str(channel), *args]) == 1
+    err = capsys.readouterr().err
+    assert "its keys compress tokens in blocks of 8, which do not divide compress_run 4" in err
+    assert "compress_run: 8" in err
+
+
 def test_each_sensitivity_is_that_probe_run_alone_window_by_window(model_dir, tmp_path, monkeypatch):
     """Probes share the windows' prefill and run the windows side by side, in groups of any size: each KL and
     each cost is what the probe gives run on its own, window by window, against a DynamicCache."""

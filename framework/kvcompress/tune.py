@@ -142,6 +142,28 @@ def gather_options(candidates: list[CacheSpec]) -> tuple[dict[str, Any], dict[st
     return layout, options
 
 
+def check_blocks(candidates: list[CacheSpec], config: Any) -> None:
+    """Build each candidate's codecs for the model (a SpecError for a shape the model refuses) and refuse a
+    quantizer whose token block does not divide the shared compress_run: the layers that took it would compress
+    in longer runs and hold up to a block more tokens in full precision, which bits per element does not count,
+    so the knapsack would compare unequal caches at equal bits."""
+    from kvcompress.hf.cache import model_geometry, model_name
+    from kvcompress.pipeline import build_codecs
+
+    g = model_geometry(config)
+    for spec in candidates:
+        codecs = build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name(config))[0]
+        for role in ROLES:
+            block = getattr(codecs, role).token_block
+            if spec.compress_run % block:
+                raise KVCompressError(
+                    f"{spec.source or spec.name}: its {role} compress tokens in blocks of {block}, which do not divide "
+                    f"compress_run {spec.compress_run}; the layers that took them would hold up to {block - 1} more "
+                    "tokens in full precision than the others, which bits per element does not count. Give every "
+                    f"candidate a compress_run that is a multiple of every block (e.g. compress_run: {math.lcm(block, spec.compress_run)})"
+                )
+
+
 def probe_spec(layout: dict[str, Any], layer: int, role: str, option: Option, tokens: int) -> CacheSpec:
     """`role` of `layer` uses `option`, that layer's other role float32; every other layer holds all `tokens`
     in its full-precision window, so it runs as the model's own attention and costs the probe nothing. Read
@@ -354,12 +376,10 @@ def run(args: argparse.Namespace) -> int:
     for out in outs:
         if not out.parent.is_dir():
             raise KVCompressError(f"--out {out}: the directory {out.parent} does not exist")
-    from kvcompress.hf.cache import check_spec
     from kvcompress.hf.loading import load_config, load_model
 
     config = load_config(args.model)
-    for spec in candidates:
-        check_spec(spec, config)
+    check_blocks(candidates, config)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
     settings = {
