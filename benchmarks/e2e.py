@@ -36,8 +36,8 @@ from kvcompress.eval.command import check_unique_names, resolve_device
 from kvcompress.eval.footprint import cache_figures
 from kvcompress.eval.report import run_header
 from kvcompress.eval.runners import BASELINE, Runner
-from kvcompress.hf.keywords import with_cache
 from kvcompress.eval.text import pydoc_text, read_text
+from kvcompress.hf.keywords import with_cache
 from kvcompress.methods import LayerContext
 from kvcompress.spec import CacheSpec
 

@@ -158,8 +158,9 @@ def check_blocks(candidates: list[CacheSpec], config: Any) -> None:
             if spec.compress_run % block:
                 raise KVCompressError(
                     f"{spec.source or spec.name}: its {role} compress tokens in blocks of {block}, which do not divide "
-                    f"compress_run {spec.compress_run}; the layers that took them would hold up to {block - 1} more "
-                    "tokens in full precision than the others, which bits per element does not count. Give every "
+                    f"compress_run {spec.compress_run}; the layers that took them would hold up to {block - 1} tokens "
+                    f"beyond the window in full precision where the others hold up to {spec.compress_run - 1}, which "
+                    "bits per element does not count. Give every "
                     f"candidate a compress_run that is a multiple of every block (e.g. compress_run: {math.lcm(block, spec.compress_run)})"
                 )
 

@@ -90,7 +90,8 @@ class FanoutLayer(SeenLayer):
 
 class PrefillFanout(Cache):
     """Several empty CompressedCaches of one model, filled with the same prompt by one forward of the patched
-    model (pass it as the model's cache, kvcompress.hf.keywords.with_cache). Only the prefill: a second forward through it raises."""
+    model (pass it as the model's cache: kvcompress.hf.keywords.with_cache). Only the prefill: a second forward
+    through it raises."""
 
     def __init__(self, caches: list[CompressedCache]):
         if not caches:

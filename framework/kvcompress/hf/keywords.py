@@ -1,6 +1,7 @@
 """The keyword a transformers model takes its KV cache under: `cache` from transformers 5.24, `past_key_values`
-before. 5.24 renamed it and accepts the old name with a warning until 5.40, after which an old name would land in
-the forward's **kwargs and the model would run on a cache of its own, silently; so the core asks the model."""
+before. 5.24 renamed it and takes the old name with a FutureWarning until 5.40, which drops it from the models'
+forwards (a name a forward does not know goes to its **kwargs, where nothing may read it); so the core asks the
+model which name it takes."""
 
 from __future__ import annotations
 
