@@ -143,16 +143,14 @@ def gather_options(candidates: list[CacheSpec]) -> tuple[dict[str, Any], dict[st
 
 
 def check_blocks(candidates: list[CacheSpec], config: Any) -> None:
-    """Build each candidate's codecs for the model (a SpecError for a shape the model refuses) and refuse a
-    quantizer whose token block does not divide the shared compress_run: the layers that took it would compress
+    """Check each candidate against the model (check_spec: a SpecError for a shape the model refuses) and refuse
+    a quantizer whose token block does not divide the shared compress_run: the layers that took it would compress
     in longer runs and hold up to a block more tokens in full precision, which bits per element does not count,
     so the knapsack would compare unequal caches at equal bits."""
-    from kvcompress.hf.cache import model_geometry, model_name
-    from kvcompress.pipeline import build_codecs
+    from kvcompress.hf.cache import check_spec
 
-    g = model_geometry(config)
     for spec in candidates:
-        codecs = build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name(config))[0]
+        codecs = check_spec(spec, config)[0]  # a candidate is uniform: layer 0 stands for every layer
         for role in ROLES:
             block = getattr(codecs, role).token_block
             if spec.compress_run % block:

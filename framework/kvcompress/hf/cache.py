@@ -142,12 +142,13 @@ def model_name(config: Any) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def check_spec(spec: CacheSpec, config: Any, registry: Registry | None = None) -> None:
+def check_spec(spec: CacheSpec, config: Any, registry: Registry | None = None) -> list[LayerCodecs]:
     """Build every layer's codecs for this model config, as a cache for the model would, without weights, so
     a spec the model's shape refuses (a group that does not divide head_dim, an override past the last layer,
-    a codebook for another shape or model) fails as a SpecError with the field path before a model loads."""
+    a codebook for another shape or model) fails as a SpecError with the field path before a model loads.
+    Returns the codecs built."""
     g = model_geometry(config)
-    build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name(config), registry=registry)
+    return build_codecs(spec, g.num_layers, g.head_dim, g.kv_heads, model=model_name(config), registry=registry)
 
 
 def _sliding_windows(text: Any) -> tuple[int | None, ...]:
